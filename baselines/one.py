@@ -1,0 +1,25 @@
+"""ONE: each domain DAP-trained separately, always from the original model (Ke et al. 2023, Sec. 4).
+
+The non-continual reference: no forgetting and no transfer by construction; its matrix holds the diagonal only
+(stage i's model knows domain i alone), so forgetting is undefined (null).
+"""
+
+import torch
+
+from cpt_bench.plugin import Method, SequenceState, register
+
+
+@register
+class One(Method):
+    name = "one"
+    description = "non-continual reference: every domain DAP-trained from the original model"
+
+    def on_sequence_start(self, run: SequenceState) -> None:
+        self.original = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+
+    def before_domain(self, stage) -> None:
+        with torch.no_grad():
+            stage.model.load_state_dict(self.original)
+
+    def end_tasks_after_stage(self, stage_index: int, scheduled: list[int]) -> list[int]:
+        return [stage_index]  # only this stage's domain: the model has seen no other

@@ -1,0 +1,3 @@
+from cpt_bench.cli import main
+
+main()

@@ -1,0 +1,270 @@
+"""Data: reading corpora and end-task splits, MLM blocks (cached), the masking collator, end-task encoding."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt_bench.errors import BadInput
+from cpt_bench.suite import EndTask, HubSource, Source
+
+
+def cache_dir() -> Path:
+    """Where derived artefacts (tokenised blocks, built models, base scores) are kept."""
+    root = os.environ.get("CPT_BENCH_CACHE") or Path.home() / ".cache" / "cpt-bench"
+    return Path(root)
+
+
+# ---------------------------------------------------------------- reading records
+
+def resolve_path(source: str, data_dir: Path | None) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_absolute():
+        if data_dir is None:
+            raise BadInput(f"data file {source!r} is relative but the suite has no data dir (use --data-dir)")
+        path = data_dir / path
+    return path
+
+
+def read_file_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl (one object a line), .txt (one text a line, field `text`) or .csv (header) file."""
+    if not path.is_file():
+        raise BadInput(f"missing data file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise BadInput(f"{path} line {line}: not UTF-8 text") from None
+    suffix = path.suffix.lower()
+    rows: list[dict[str, Any]] = []
+    if suffix in (".jsonl", ".json"):
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue  # blank lines carry no example
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise BadInput(f"{path} line {number}: malformed JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise BadInput(f"{path} line {number}: expected a JSON object")
+            row["_line"] = number
+            rows.append(row)
+    elif suffix == ".txt":
+        rows = [{"text": line, "_line": n} for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    elif suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        rows = [{**row, "_line": n} for n, row in enumerate(reader, start=2)]
+    else:
+        raise BadInput(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .txt or .csv)")
+    return rows
+
+
+def read_hub_records(source: HubSource) -> tuple[list[dict[str, Any]], str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.hub, source.config, split=source.split)
+    except Exception as error:  # the hub raises many types; all mean "cannot load this id here"
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "not in the local cache and the hub is offline" if offline else type(error).__name__
+        raise BadInput(f"cannot load hub dataset {source.hub!r} ({why})") from None
+    rows = [{**row, "_line": i + 1} for i, row in enumerate(dataset)]
+    return rows, f"hub:{source.hub}/{source.config}/{source.split}"
+
+
+def read_records(source: Source, data_dir: Path | None) -> tuple[list[dict[str, Any]], str]:
+    """Rows of a source and a name for messages (file path or hub id)."""
+    if isinstance(source, HubSource):
+        return read_hub_records(source)
+    path = resolve_path(source, data_dir)
+    return read_file_records(path), str(path)
+
+
+def field_text(row: dict[str, Any], field: str, where: str) -> str:
+    if field not in row:
+        raise BadInput(f"{where} line {row['_line']}: missing field {field!r}")
+    value = row[field]
+    if not isinstance(value, str):
+        raise BadInput(f"{where} line {row['_line']}: field {field!r} is not a string")
+    return value
+
+
+def read_corpus(source: Source, field: str, data_dir: Path | None, limit: int | None) -> tuple[list[str], str]:
+    rows, where = read_records(source, data_dir)
+    texts = [t for t in (field_text(row, field, where) for row in rows) if t.strip()]
+    if limit is not None:
+        texts = texts[:limit]
+    if not texts:
+        raise BadInput(f"empty corpus: {where}")
+    return texts, where
+
+
+# ---------------------------------------------------------------- end tasks
+
+@dataclasses.dataclass
+class EndTaskSplit:
+    texts: list[str]
+    text_pairs: list[str] | None
+    labels: list[int]
+    source: str
+
+
+@dataclasses.dataclass
+class EndTaskData:
+    name: str
+    label_names: list[str]
+    train: EndTaskSplit
+    test: EndTaskSplit
+    dev: EndTaskSplit | None
+    average: str
+    finetune_overrides: dict[str, Any]
+
+
+def read_end_task_split(source: Source, task: EndTask, data_dir: Path | None, limit: int | None,
+                        what: str) -> EndTaskSplit:
+    rows, where = read_records(source, data_dir)
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise BadInput(f"empty {what} split: {where}")
+    label_index = {label: i for i, label in enumerate(task.labels)}
+    texts, pairs, labels = [], [], []
+    for row in rows:
+        texts.append(field_text(row, task.text_field, where))
+        if task.text_pair_field:
+            pairs.append(field_text(row, task.text_pair_field, where))
+        if task.label_field not in row:
+            raise BadInput(f"{where} line {row['_line']}: missing field {task.label_field!r}")
+        label = str(row[task.label_field])
+        if label not in label_index:
+            raise BadInput(f"{where} line {row['_line']}: label {label!r} is not in the label set "
+                           f"{task.labels}")
+        labels.append(label_index[label])
+    return EndTaskSplit(texts, pairs if task.text_pair_field else None, labels, where)
+
+
+def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | None) -> EndTaskData:
+    return EndTaskData(
+        name=name,
+        label_names=list(task.labels),
+        train=read_end_task_split(task.train, task, data_dir, limit, f"{name} train"),
+        test=read_end_task_split(task.test, task, data_dir, limit, f"{name} test"),
+        dev=read_end_task_split(task.dev, task, data_dir, limit, f"{name} dev") if task.dev else None,
+        average=task.average,
+        finetune_overrides=dict(task.finetune),
+    )
+
+
+def encode_split(tokenizer, split: EndTaskSplit, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenise (text, optional second text) pairs, padded to the longest and truncated to `max_length`."""
+    if split.text_pairs is not None:
+        # aspect-style pairs: the short second text first, so truncation cuts the long sentence, not the aspect
+        encoded = tokenizer(split.text_pairs, split.texts, truncation="only_second", max_length=max_length,
+                            padding="longest", return_tensors="pt")
+    else:
+        encoded = tokenizer(split.texts, truncation=True, max_length=max_length, padding="longest",
+                            return_tensors="pt")
+    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    batch["labels"] = torch.tensor(split.labels, dtype=torch.long)
+    return batch
+
+
+# ---------------------------------------------------------------- MLM blocks
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab]).encode()).hexdigest()[:16]
+
+
+def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
+    """Concatenate the tokenised texts (separated by the separator token) and cut blocks of `seq_len` tokens.
+
+    Every block is [CLS] + seq_len-2 tokens + [SEP], fixed length, so DAP batches carry no padding.
+    Cached on disk per (corpus content, tokenizer, seq_len).
+    """
+    import datasets
+
+    content = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    key = f"{content}-{tokenizer_fingerprint(tokenizer)}-{seq_len}"
+    path = cache_dir() / "blocks" / key
+    if (path / "dataset_info.json").exists():
+        return datasets.load_from_disk(str(path))
+    body = seq_len - 2
+    sep = tokenizer.sep_token_id
+    cls = tokenizer.cls_token_id
+
+    def tokenize(batch):
+        return {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
+
+    def group(batch):
+        stream: list[int] = []
+        for ids in batch["ids"]:
+            stream.extend(ids)
+            stream.append(sep)
+        blocks = [[cls] + stream[i: i + body] + [sep] for i in range(0, len(stream) - body + 1, body)]
+        return {"input_ids": blocks}
+
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    dataset = dataset.map(tokenize, batched=True, remove_columns=["text"], desc=f"tokenising {corpus_id}")
+    # one group over all rows so no text is cut at a batch boundary more than once per block
+    dataset = dataset.map(group, batched=True, batch_size=len(dataset), remove_columns=["ids"])
+    if len(dataset) == 0:
+        raise BadInput(f"corpus {corpus_id} is shorter than one block of {seq_len} tokens")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    dataset.save_to_disk(str(tmp))
+    if path.exists():  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return datasets.load_from_disk(str(path))
+
+
+class MaskingCollator:
+    """BERT's masking: choose `probability` of the non-special, non-padding tokens; of those 80% become
+    [MASK], 10% a random token, 10% stay. Labels are -100 everywhere else."""
+
+    def __init__(self, tokenizer, probability: float = 0.15, generator: torch.Generator | None = None):
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        self.pad_id = tokenizer.pad_token_id
+        self.probability = probability
+        self.generator = generator
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids = _pad([torch.as_tensor(e["input_ids"]) for e in examples], self.pad_id)
+        attention_mask = (input_ids != self.pad_id).long() if self.pad_id is not None else \
+            torch.ones_like(input_ids)
+        inputs, labels = self.mask(input_ids)
+        return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
+
+    def mask(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.generator
+        maskable = ~torch.isin(input_ids, self.special_ids)
+        chosen = (torch.rand(input_ids.shape, generator=g) < self.probability) & maskable
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+        inputs = input_ids.clone()
+        roll = torch.rand(input_ids.shape, generator=g)
+        inputs[chosen & (roll < 0.8)] = self.mask_id
+        random_positions = chosen & (roll >= 0.8) & (roll < 0.9)
+        random_tokens = torch.randint(self.vocab_size, input_ids.shape, generator=g)
+        inputs[random_positions] = random_tokens[random_positions]
+        return inputs, labels
+
+
+def _pad(sequences: list[torch.Tensor], pad_id: int | None) -> torch.Tensor:
+    length = max(len(s) for s in sequences)
+    if all(len(s) == length for s in sequences):
+        return torch.stack(sequences)
+    out = torch.full((len(sequences), length), pad_id if pad_id is not None else 0, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = s
+    return out

@@ -1,0 +1,138 @@
+"""The uniform end-task evaluator: a fresh classification head on a copy of the LM's encoder, fine-tuned
+with the task's settings, model selection on dev when there is one, test macro-F1 and accuracy."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cpt_bench.data import EndTaskData, encode_split
+from cpt_bench.models import encoder
+from cpt_bench.settings import FinetuneSettings, build
+from cpt_bench.trainer import adamw, linear_schedule
+
+
+@functools.cache
+def classification_metric():
+    import evaluate
+
+    return evaluate.load(str(Path(__file__).parent / "metrics" / "classification" / "classification.py"))
+
+
+def score(predictions: list[int], references: list[int], num_labels: int, average: str = "macro") -> dict:
+    result = classification_metric().compute(predictions=predictions, references=references,
+                                             num_labels=num_labels, average=average)
+    return {"macro_f1": float(result["f1"]), "accuracy": float(result["accuracy"])}
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (so a task's fine-tuning seed does not depend on run order)."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder + a fresh head on the first token (dense, tanh, linear: the RoBERTa classification head)."""
+
+    def __init__(self, body: nn.Module, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.body = body
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask):
+        first = self.body(input_ids=input_ids, attention_mask=attention_mask)[0][:, 0]
+        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(first)))))
+
+
+def task_settings(defaults: FinetuneSettings, task: EndTaskData) -> FinetuneSettings:
+    if not task.finetune_overrides:
+        return defaults
+    return build(FinetuneSettings, {**dataclasses.asdict(defaults), **task.finetune_overrides},
+                 f"end task {task.name}.finetune")
+
+
+class EndTaskEvaluator:
+    def __init__(self, accelerator, tokenizer, settings: FinetuneSettings, show_progress: bool = True):
+        self.accelerator = accelerator
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.show_progress = show_progress and accelerator.is_local_main_process
+        self._encoded: dict[tuple[str, str, int], dict[str, torch.Tensor]] = {}
+
+    def _split(self, task: EndTaskData, which: str, max_length: int) -> dict[str, torch.Tensor] | None:
+        split = getattr(task, which)
+        if split is None:
+            return None
+        key = (task.name, which, max_length)
+        if key not in self._encoded:
+            self._encoded[key] = encode_split(self.tokenizer, split, max_length)
+        return self._encoded[key]
+
+    def evaluate(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
+        """Fine-tune a copy of `lm`'s encoder with a fresh head on `task`; return test scores."""
+        s = task_settings(self.settings, task)
+        device = self.accelerator.device
+        torch.manual_seed(seed)
+        config = lm.config
+        dropout = getattr(config, "hidden_dropout_prob", 0.1)
+        model = SequenceClassifier(copy.deepcopy(encoder(lm)), config.hidden_size, len(task.label_names),
+                                   dropout).to(device)
+        train = self._split(task, "train", s.max_length)
+        dev = self._split(task, "dev", s.max_length)
+        test = self._split(task, "test", s.max_length)
+        n = len(train["labels"])
+        steps_per_epoch = -(-n // s.batch_size)
+        total = steps_per_epoch * s.epochs
+        named = {id(p): name for name, p in model.named_parameters()}
+        optimizer = adamw(list(model.parameters()), named, s.lr, s.weight_decay)
+        scheduler = linear_schedule(optimizer, int(s.warmup * total), total)
+        generator = torch.Generator().manual_seed(seed)
+        best_state, best_dev = None, -1.0
+        progress = tqdm(total=total, desc=f"fine-tune {task.name}", disable=not self.show_progress,
+                        leave=False, dynamic_ncols=True)
+        for _ in range(s.epochs):
+            model.train()
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, s.batch_size):
+                index = order[start: start + s.batch_size]
+                batch = {k: v[index].to(device) for k, v in train.items()}
+                with self.accelerator.autocast():
+                    logits = model(batch["input_ids"], batch["attention_mask"])
+                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+                loss.backward()
+                if s.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.update(1)
+            if dev is not None:
+                dev_f1 = self._scores(model, dev, task)["macro_f1"]
+                if dev_f1 > best_dev:  # earliest best epoch wins ties
+                    best_dev = dev_f1
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        progress.close()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        return self._scores(model, test, task)
+
+    @torch.no_grad()
+    def _scores(self, model: nn.Module, split: dict[str, torch.Tensor], task: EndTaskData) -> dict[str, float]:
+        model.eval()
+        predictions = []
+        batch_size = max(64, self.settings.batch_size)
+        for start in range(0, len(split["labels"]), batch_size):
+            ids = split["input_ids"][start: start + batch_size].to(self.accelerator.device)
+            mask = split["attention_mask"][start: start + batch_size].to(self.accelerator.device)
+            with self.accelerator.autocast():
+                predictions.append(model(ids, mask).argmax(-1).cpu())
+        predicted = torch.cat(predictions).tolist()
+        return score(predicted, split["labels"].tolist(), len(task.label_names), task.average)

@@ -1,0 +1,118 @@
+"""Aggregating result files: group by (suite, method, order), mean ± std over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cpt_bench.errors import BadInput
+from cpt_bench.results import load_result
+
+METRIC_COLUMNS = {
+    "final MF1": ("metrics", "final_macro_f1"),
+    "final Acc": ("metrics", "final_accuracy"),
+    "forgetting MF1": ("metrics", "forgetting_macro_f1"),
+    "transfer MF1": ("metrics", "transfer_macro_f1"),
+}
+
+
+def find_result_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*.json") if not p.name.startswith(".")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise BadInput(f"no such result file or folder: {raw}")
+    return files
+
+
+def load_results(paths: list[str]) -> list[dict[str, Any]]:
+    results = []
+    for file in find_result_files(paths):
+        try:
+            results.append(load_result(file))
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadInput(f"{file}: not a readable result file ({str(error).splitlines()[0][:120]})") from None
+    if not results:
+        raise BadInput(f"no result files found in {', '.join(paths)}")
+    return results
+
+
+def general_retention(result: dict[str, Any]) -> float | None:
+    """Probe score after the last stage minus before any DAP (negative = general knowledge lost)."""
+    probe = result.get("probes", {}).get("general")
+    if not probe or not probe.get("stages"):
+        return None
+    return probe["stages"][-1] - probe["base"]
+
+
+def rows(results: list[dict[str, Any]]) -> pd.DataFrame:
+    records = []
+    for r in results:
+        record = {"suite": r["suite"], "method": r["method"], "order": ",".join(r["domains"]),
+                  "seed": r["seed"]}
+        for column, (block, key) in METRIC_COLUMNS.items():
+            record[column] = r[block].get(key)
+        record["general Δ"] = general_retention(r)
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def summarise(results: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (suite, method, order): seeds, and mean/std of each metric (std over seeds, ddof=1)."""
+    frame = rows(results)
+    value_columns = [c for c in frame.columns if c not in ("suite", "method", "order", "seed")]
+    out = []
+    for (suite, method, order), group in frame.groupby(["suite", "method", "order"], sort=True):
+        record: dict[str, Any] = {"suite": suite, "method": method, "order": order,
+                                  "seeds": ",".join(str(s) for s in sorted(group["seed"]))}
+        for column in value_columns:
+            values = [float(v) for v in group[column] if v is not None and not _isnan(v)]
+            record[f"{column} mean"] = sum(values) / len(values) if values else None
+            record[f"{column} std"] = _std(values)
+            record[f"{column} n"] = len(values)
+        out.append(record)
+    return pd.DataFrame.from_records(out)
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _std(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def format_cell(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def render(summary: pd.DataFrame, fmt: str) -> str:
+    if fmt == "json":
+        return summary.to_json(orient="records", indent=2)
+    if fmt == "csv":
+        return summary.to_csv(index=False)
+    if fmt != "markdown":
+        raise BadInput(f"--format {fmt!r} is not supported (use markdown, csv or json)")
+    metric_names = [c[: -len(" mean")] for c in summary.columns if c.endswith(" mean")]
+    table = summary[["method", "suite", "order", "seeds"]].copy()
+    for name in metric_names:
+        table[name] = [format_cell(m if not _isnan(m) else None, s if not _isnan(s) else None)
+                       for m, s in zip(summary[f"{name} mean"], summary[f"{name} std"])]
+    return table.to_markdown(index=False)
+
+
+def report(paths: list[str], fmt: str = "markdown") -> str:
+    return render(summarise(load_results(paths)), fmt)

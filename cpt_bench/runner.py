@@ -1,0 +1,311 @@
+"""One benchmark run: validate everything, then DAP stage by stage with end-task evaluation in between."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt_bench.data import cache_dir, mlm_blocks, read_corpus, read_end_task
+from cpt_bench.errors import BadInput
+from cpt_bench.evaluator import EndTaskEvaluator, derive_seed, task_settings
+from cpt_bench.models import load_masked_lm
+from cpt_bench.plugin import Method, SequenceState, method_class
+from cpt_bench.results import SCHEMA, command_line, git_commit, metrics_block, versions, write_json_atomic
+from cpt_bench.settings import as_dict, override, parse_set_options
+from cpt_bench.suite import Suite, load_suite
+from cpt_bench.trainer import DapTrainer
+
+
+@dataclasses.dataclass
+class RunRequest:
+    """What `cpt-bench run` was asked (CONTRACT.md options)."""
+
+    method: str
+    suite: str
+    order: list[str] | None = None
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    model: str | None = None
+    data_dir: str | None = None
+    steps: int | None = None
+    output: str = "results/runs"
+    device: str = "auto"
+    eval: str = "full"
+    limit: int | None = None
+    sets: list[str] = dataclasses.field(default_factory=list)
+    show_progress: bool = True
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """A validated request: suite, order, settings and method, ready to run for each seed."""
+
+    request: RunRequest
+    suite: Suite
+    domains: list[str]
+    method_cls: type[Method]
+    method_settings: Any
+    dap: Any
+    finetune: Any
+    data_dir: Path | None
+    model_name: str
+    data: LoadedData | None = None  # every corpus and end task, read and validated
+    original_model: Any = None  # the LM as loaded (each seed trains a copy)
+    tokenizer: Any = None
+
+
+def plan_run(request: RunRequest) -> RunPlan:
+    """Check every option before any work: unknown names, bad orders, bad settings are BadInput."""
+    suite = load_suite(request.suite)
+    method_cls = method_class(request.method)
+    if request.eval not in ("full", "final"):
+        raise BadInput(f"--eval must be 'full' or 'final', got {request.eval!r}")
+    if request.device not in ("auto", "cpu", "cuda"):
+        raise BadInput(f"--device must be auto, cpu or cuda, got {request.device!r}")
+    if request.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA device is available")
+    if request.limit is not None and request.limit <= 0:
+        raise BadInput(f"--limit must be positive, got {request.limit}")
+    if not request.seeds:
+        raise BadInput("no --seed given")
+    domains = suite.domain_names if request.order is None else request.order
+    for name in domains:
+        suite.domain(name)
+    repeated = sorted({d for d in domains if domains.count(d) > 1})
+    if repeated:
+        raise BadInput(f"--order names domain {repeated[0]!r} twice")
+    if not domains:
+        raise BadInput("--order is empty")
+
+    dap, finetune = suite.dap, suite.finetune
+    if request.steps is not None:
+        dap = override(dap, "steps", str(request.steps), "dap")
+    method_settings = method_cls.Settings()
+    method_blocks = {method_cls.name, *method_cls.aliases, "method"}
+    for block, values in parse_set_options(request.sets).items():
+        for key, value in values.items():
+            if block == "dap":
+                dap = override(dap, key, value, "dap")
+            elif block == "finetune":
+                finetune = override(finetune, key, value, "finetune")
+            elif block in method_blocks:
+                method_settings = override(method_settings, key, value, method_cls.name)
+            else:
+                raise BadInput(f"--set {block}.{key}: unknown settings block {block!r} "
+                               f"(known: dap, finetune, {method_cls.name})")
+    plan = RunPlan(request, suite, list(domains), method_cls, method_settings, dap, finetune,
+                   resolve_data_dir(suite, request.data_dir), request.model or suite.model)
+    plan.data = LoadedData(plan)  # data problems surface before the (possibly slow) model load
+    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name)
+    plan.data.tokenizer = plan.tokenizer
+    return plan
+
+
+def resolve_data_dir(suite: Suite, data_dir: str | None) -> Path | None:
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise BadInput(f"--data-dir {data_dir}: no such directory")
+        return path
+    if suite.data_dir is not None:
+        return (Path(suite.source_file).parent / suite.data_dir).resolve()
+    if suite.generator is not None:
+        from cpt_bench.synthetic import materialise
+
+        return materialise(suite.generator)
+    return None
+
+
+class LoadedData:
+    """Every corpus and end task of a plan, read and validated (before any training starts)."""
+
+    def __init__(self, plan: RunPlan):
+        suite, limit = plan.suite, plan.request.limit
+        self.corpora: dict[str, Any] = {}
+        self.tasks = []
+        for name in plan.domains:
+            domain = suite.domain(name)
+            texts, where = read_corpus(domain.corpus, domain.corpus_field, plan.data_dir, limit)
+            self.corpora[name] = (texts, where)
+            self.tasks.append(read_end_task(name, domain.end_task, plan.data_dir, limit))
+        self.probes = [read_end_task(p.name, p.end_task, plan.data_dir, limit) for p in suite.probes]
+        for task in self.tasks + self.probes:
+            task_settings(plan.finetune, task)  # validates per-task overrides now, not after training
+        self.tokenizer = None  # set once the model is loaded
+        self._blocks: dict[str, Any] = {}
+
+    def blocks(self, corpus: str, seq_len: int):
+        if corpus not in self._blocks:
+            texts, where = self.corpora[corpus]
+            self._blocks[corpus] = mlm_blocks(texts, self.tokenizer, seq_len, where)
+        return self._blocks[corpus]
+
+    def fingerprint(self) -> str:
+        parts = [(t.name, t.label_names, t.train.texts, t.train.text_pairs, t.train.labels, t.test.texts,
+                  t.test.text_pairs, t.test.labels, t.dev and (t.dev.texts, t.dev.labels), t.average,
+                  t.finetune_overrides)
+                 for t in self.tasks + self.probes]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def result_path(plan: RunPlan, seed: int, config: dict[str, Any]) -> Path:
+    """One file per (method, order, seed); a different configuration gets a different file."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    order = "-".join(plan.domains)
+    if len(order) > 60:
+        order = hashlib.sha256(order.encode()).hexdigest()[:12]
+    name = f"{plan.suite.name}__{plan.method_cls.name}__{order}__seed{seed}__{digest}.json"
+    return Path(plan.request.output) / name
+
+
+def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]]:
+    """Run one seed of a plan; returns the result file's path and content."""
+    from accelerate.utils import set_seed
+
+    request = plan.request
+    started = datetime.datetime.now(datetime.timezone.utc)
+    model, tokenizer, data = copy.deepcopy(plan.original_model), plan.tokenizer, plan.data
+    method = plan.method_cls(plan.method_settings)
+    stages = method.plan_stages(plan.domains) if method.trains_lm else []
+    config = {
+        "method": method.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
+        "suite_fingerprint": plan.suite.fingerprint(), "domains": plan.domains, "seed": seed,
+        "model": plan.model_name, "dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
+        "eval": request.eval, "limit": request.limit, "data": data.fingerprint(),
+    }
+    path = result_path(plan, seed, config)
+
+    model = model.to(accelerator.device)
+    evaluator = EndTaskEvaluator(accelerator, tokenizer, plan.finetune, request.show_progress)
+    base_scores = cached_base_scores(plan, data, model, evaluator, seed)
+    set_seed(seed)
+
+    columns = len(plan.domains)
+    matrices: dict[str, list[list[float | None]]] = {"macro_f1": [], "accuracy": []}
+    probes = {p.name: {"base": base_scores["probes"][p.name]["macro_f1"], "stages": []} for p in data.probes}
+    stage_records = []
+    trainer = DapTrainer(accelerator, tokenizer, plan.dap, method, seed, request.show_progress)
+    method.on_sequence_start(SequenceState(model, tokenizer, accelerator, plan.domains, seed))
+    learned: set[int] = set()
+    for index, stage in enumerate(stages):
+        unknown = [c for c in stage.corpora if c not in plan.domains]
+        if unknown:
+            raise ValueError(f"method {method.name} planned a stage on unknown corpus {unknown[0]!r}")
+        blocks = _stage_blocks(data, stage.corpora, plan.dap.seq_len)
+        record = trainer.train_stage(model, blocks, stage, index)
+        stage_records.append(dataclasses.asdict(record))
+        trained_now = {plan.domains.index(c) for c in stage.corpora}
+        learned |= trained_now
+        if request.eval == "full" or index == len(stages) - 1:
+            scheduled = sorted(learned)
+        else:
+            scheduled = sorted(trained_now)
+        row_f1: list[float | None] = [None] * columns
+        row_acc: list[float | None] = [None] * columns
+        for column in method.end_tasks_after_stage(index, scheduled):
+            task = data.tasks[column]
+            scores = evaluator.evaluate(method.end_task_lm(model, column), task, finetune_seed(seed, task.name))
+            row_f1[column], row_acc[column] = scores["macro_f1"], scores["accuracy"]
+        matrices["macro_f1"].append(row_f1)
+        matrices["accuracy"].append(row_acc)
+        for probe in data.probes:
+            scores = evaluator.evaluate(model, probe, finetune_seed(seed, probe.name))
+            probes[probe.name]["stages"].append(scores["macro_f1"])
+
+    base = {"macro_f1": [base_scores["tasks"][t.name]["macro_f1"] for t in data.tasks],
+            "accuracy": [base_scores["tasks"][t.name]["accuracy"] for t in data.tasks]}
+    if not stages:  # no DAP: the only row is the original model's
+        matrices = {k: [list(v)] for k, v in base.items()}
+    square = bool(stages) and [s.corpora for s in stages] == [[d] for d in plan.domains]
+    metrics = metrics_block(matrices, base, square and method.trains_lm)
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    result = {
+        "schema": SCHEMA,
+        "method": method.name,
+        "method_config": as_dict(plan.method_settings),
+        "suite": plan.suite.name,
+        "domains": plan.domains,
+        "seed": seed,
+        "model": plan.model_name,
+        "matrix": matrices,
+        "matrix_rows": [s.name for s in stages] if stages else ["base"],
+        "base": base,
+        "metrics": metrics,
+        "probes": probes,
+        "stages": stage_records,
+        "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune), "eval": request.eval,
+                     "limit": request.limit, "evaluator": "fine-tune classification head (first token)"},
+        "provenance": {
+            "git_commit": git_commit(), "versions": versions(), "started": started.isoformat(),
+            "finished": finished.isoformat(), "device": describe_device(accelerator),
+            "command": command_line(), "config_hash": path.stem.rsplit("__", 1)[-1],
+        },
+    }
+    return path, result
+
+
+def _stage_blocks(data: LoadedData, corpora: list[str], seq_len: int):
+    import datasets
+
+    parts = [data.blocks(c, seq_len) for c in corpora]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def finetune_seed(run_seed: int, task_name: str) -> int:
+    # the same seed for a task after every stage: differences between rows come from the LM, not the head
+    return derive_seed(run_seed, "finetune", task_name)
+
+
+def cached_base_scores(plan: RunPlan, data: LoadedData, model, evaluator: EndTaskEvaluator,
+                       seed: int) -> dict[str, Any]:
+    """End-task and probe scores of the original model, cached per (suite data, model, seed, settings)."""
+    key_parts = {"data": data.fingerprint(), "model": model_fingerprint(model), "seed": seed,
+                 "finetune": as_dict(plan.finetune), "max_length": plan.finetune.max_length,
+                 "device": evaluator.accelerator.device.type}
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "base-scores" / f"{key}.json"
+    names = [t.name for t in data.tasks] + [p.name for p in data.probes]
+    cached: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            cached = {}
+    scores = cached.get("scores", {})
+    missing = [t for t in data.tasks + data.probes if t.name not in scores]
+    for task in missing:
+        scores[task.name] = evaluator.evaluate(model, task, finetune_seed(seed, task.name))
+    if missing and evaluator.accelerator.is_main_process:
+        write_json_atomic(path, {"key": key_parts, "scores": scores})
+    return {"tasks": {n: scores[n] for n in names[: len(data.tasks)]},
+            "probes": {p.name: scores[p.name] for p in data.probes}}
+
+
+def describe_device(accelerator) -> str:
+    device = accelerator.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        import os
+        name = f"cpu ({os.cpu_count()} cores)"
+    return f"{name}; processes={accelerator.num_processes}; precision={accelerator.mixed_precision}"
+
+
+def make_accelerator(plan: RunPlan):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=plan.request.device == "cpu", mixed_precision=plan.dap.precision)

@@ -1,0 +1,176 @@
+"""Typed settings blocks (DAP, fine-tuning, each method's) built from YAML or `--set`, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from cpt_bench.errors import BadInput
+
+
+@dataclasses.dataclass
+class DapSettings:
+    """Domain-adaptive pre-training (masked LM) of one stage."""
+
+    steps: int = 200
+    batch_size: int = 32
+    seq_len: int = 64
+    lr: float = 5e-4
+    warmup: float = 0.1  # fraction of the stage's optimizer steps
+    weight_decay: float = 0.01
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mlm_probability: float = 0.15
+    precision: Literal["no", "bf16", "fp16"] = "no"
+
+    def check(self, where: str) -> None:
+        positive(where, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                 grad_accum=self.grad_accum)
+        if self.seq_len < 8:
+            raise BadInput(f"{where}.seq_len: must be at least 8, got {self.seq_len}")
+        fraction(where, warmup=self.warmup, mlm_probability=self.mlm_probability)
+        if self.lr <= 0:
+            raise BadInput(f"{where}.lr: must be positive, got {self.lr}")
+
+
+@dataclasses.dataclass
+class FinetuneSettings:
+    """End-task fine-tuning of a fresh classification head on top of an LM state."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_length: int = 64
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    max_grad_norm: float = 1.0
+
+    def check(self, where: str) -> None:
+        positive(where, epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length)
+        fraction(where, warmup=self.warmup)
+        if self.lr <= 0:
+            raise BadInput(f"{where}.lr: must be positive, got {self.lr}")
+
+
+def positive(where: str, **values: int) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise BadInput(f"{where}.{name}: must be positive, got {value}")
+
+
+def fraction(where: str, **values: float) -> None:
+    for name, value in values.items():
+        if not 0.0 <= value <= 1.0:
+            raise BadInput(f"{where}.{name}: must be in [0, 1], got {value}")
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a type hint (int, float, str, bool, Literal, Optional, list[...])."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, where)
+            except BadInput:
+                pass
+        raise BadInput(f"{where}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise BadInput(f"{where}: expected one of {_type_name(annotation)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        if not isinstance(value, list):
+            raise BadInput(f"{where}: expected a list, got {value!r}")
+        return [coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BadInput(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(annotation):
+        return build(annotation, value, where)
+    else:
+        raise TypeError(f"unsupported settings type {annotation!r} at {where}")
+    raise BadInput(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys, missing required keys and wrong types are errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BadInput(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise BadInput(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = coerce(data[name], hints[name], f"{where}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise BadInput(f"{where}: missing required key {name!r}")
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        obj.check(where)
+    return obj
+
+
+def override(obj: Any, key: str, raw_value: str, where: str) -> Any:
+    """Return a copy of dataclass `obj` with field `key` set from a `--set` string (parsed as YAML)."""
+    fields = {f.name for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise BadInput(f"--set {where}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError:
+        value = raw_value
+    data = dataclasses.asdict(obj)
+    data[key] = value
+    return build(type(obj), data, f"--set {where}")
+
+
+def parse_set_options(options: list[str]) -> dict[str, dict[str, str]]:
+    """Split `--set a.b=c` options into {'a': {'b': 'c'}}; the first dotted part names the block."""
+    grouped: dict[str, dict[str, str]] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        block, dot, name = key.strip().partition(".")
+        if not sep or not dot or not block or not name:
+            raise BadInput(f"--set {option!r}: expected BLOCK.KEY=VALUE, e.g. dap.steps=100")
+        grouped.setdefault(block, {})[name] = value.strip()
+    return grouped
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

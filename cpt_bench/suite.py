@@ -1,0 +1,158 @@
+"""Suites as data: a YAML file lists domains (unlabeled corpus + end task), probes, and default settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cpt_bench.errors import BadInput
+from cpt_bench.settings import DapSettings, FinetuneSettings, build
+
+
+@dataclasses.dataclass
+class HubSource:
+    """A dataset on the Hugging Face hub (needs the hub or its local cache)."""
+
+    hub: str
+    config: str | None = None
+    split: str = "train"
+
+
+Source = str | HubSource  # a str is a file (jsonl, txt, csv) relative to the data dir, or absolute
+
+
+@dataclasses.dataclass
+class EndTask:
+    """A classification end task: text (+ optional second text) -> one label of a fixed label set."""
+
+    train: Source
+    test: Source
+    labels: list[str]
+    dev: Source | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    average: Literal["macro", "micro"] = "macro"  # F1 averaging reported as `macro_f1`; micro only on request
+    finetune: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-task fine-tuning overrides
+
+    def check(self, where: str) -> None:
+        if len(self.labels) < 2:
+            raise BadInput(f"{where}.labels: need at least two labels, got {self.labels}")
+        if len(set(self.labels)) != len(self.labels):
+            raise BadInput(f"{where}.labels: repeated label in {self.labels}")
+        unknown = sorted(set(self.finetune) - {f.name for f in dataclasses.fields(FinetuneSettings)})
+        if unknown:
+            raise BadInput(f"{where}.finetune: unknown key {unknown[0]!r}")
+
+
+@dataclasses.dataclass
+class Domain:
+    name: str
+    corpus: Source
+    end_task: EndTask
+    corpus_field: str = "text"
+
+
+@dataclasses.dataclass
+class Probe:
+    """An end task evaluated after every stage but never DAP-trained (e.g. general-knowledge retention)."""
+
+    name: str
+    end_task: EndTask
+
+
+@dataclasses.dataclass
+class Generator:
+    """A registered data generator that writes the suite's files (see cpt_bench.synthetic)."""
+
+    name: str
+    seed: int = 0
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    domains: list[Domain]
+    model: str
+    description: str = ""
+    data_dir: str | None = None  # relative to the YAML file
+    generator: Generator | None = None
+    probes: list[Probe] = dataclasses.field(default_factory=list)
+    dap: DapSettings = dataclasses.field(default_factory=DapSettings)
+    finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
+    source_file: str = ""  # set on load, not in YAML
+
+    def check(self, where: str) -> None:
+        if not self.domains:
+            raise BadInput(f"{where}.domains: a suite needs at least one domain")
+        names = [d.name for d in self.domains] + [p.name for p in self.probes]
+        for name in names:
+            if names.count(name) > 1:
+                raise BadInput(f"{where}: name {name!r} is used twice (domains and probes need unique names)")
+            if not name or "," in name or "/" in name:
+                raise BadInput(f"{where}: invalid domain/probe name {name!r}")
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    def domain(self, name: str) -> Domain:
+        for domain in self.domains:
+            if domain.name == name:
+                return domain
+        raise BadInput(f"suite {self.name!r} has no domain {name!r} (domains: {', '.join(self.domain_names)})")
+
+    def fingerprint(self) -> str:
+        """A hash of the suite's definition (not of its data files)."""
+        data = dataclasses.asdict(self)
+        data.pop("source_file")
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+DEFAULT_SUITE = "synthetic"
+
+
+def registered_suite_files() -> dict[str, Path]:
+    folder = resources.files("cpt_bench.tasks")
+    return {Path(str(f)).stem: Path(str(f)) for f in folder.iterdir() if str(f).endswith(".yaml")}
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """Load a registered suite by name, or a suite YAML file by path; any problem is one BadInput line."""
+    registered = registered_suite_files()
+    if name_or_path in registered:
+        path = registered[name_or_path]
+    else:
+        path = Path(name_or_path)
+        if not (path.suffix in (".yaml", ".yml") or path.exists()):
+            raise BadInput(f"unknown suite {name_or_path!r} (registered: {', '.join(sorted(registered))}; "
+                           "or give a path to a suite YAML file)")
+        if not path.is_file():
+            raise BadInput(f"suite file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"suite file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise BadInput(f"suite file {path}: malformed YAML{at}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"suite file {path}: expected a mapping at the top level")
+    suite = build(Suite, {**data, "source_file": str(path.resolve())}, f"suite {path.name}")
+    return suite
+
+
+def suite_summary(name: str) -> str:
+    try:
+        suite = load_suite(name)
+    except BadInput as error:
+        return f"(invalid: {error})"
+    return f"{suite.description} [{', '.join(suite.domain_names)}; model {suite.model}]"

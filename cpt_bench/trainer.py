@@ -1,0 +1,161 @@
+"""The shared DAP trainer: one loop for every method, which acts only through the plugin events."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cpt_bench.data import MaskingCollator
+from cpt_bench.models import mlm_loss
+from cpt_bench.plugin import Method, Stage
+from cpt_bench.settings import DapSettings
+
+
+class MaskedLMObjective(nn.Module):
+    """Wraps the LM so that the masked-LM loss is its forward: what accelerate/DDP wrap and call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return mlm_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+
+
+@dataclasses.dataclass
+class StageState:
+    """What the method events see during a stage."""
+
+    stage: Stage
+    stage_index: int
+    model: nn.Module  # the plain LM (not wrapped)
+    objective: nn.Module  # the prepared masked-LM objective (call it for the MLM loss)
+    optimizer: torch.optim.Optimizer
+    accelerator: Any
+    settings: DapSettings
+    tokenizer: Any
+    blocks: Any  # the stage's MLM blocks (a datasets.Dataset)
+    seed: int
+    step: int = 0  # optimizer steps done
+
+
+@dataclasses.dataclass
+class StageRecord:
+    domain: str
+    steps: int
+    tokens: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+    loss_curve: list[float]
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def adamw(parameters: list[nn.Parameter], named: dict[int, str], lr: float, weight_decay: float):
+    """AdamW without weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for p in parameters:
+        name = named.get(id(p), "")
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = bool(parameters) and parameters[0].is_cuda
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
+
+
+class DapTrainer:
+    def __init__(self, accelerator, tokenizer, settings: DapSettings, method: Method, seed: int,
+                 show_progress: bool = True):
+        self.accelerator = accelerator
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.method = method
+        self.seed = seed
+        self.show_progress = show_progress and accelerator.is_local_main_process
+
+    def train_stage(self, model: nn.Module, blocks, stage: Stage, stage_index: int) -> StageRecord:
+        s = self.settings
+        accelerator = self.accelerator
+        total_steps = s.steps * stage.steps_scale
+        generator = torch.Generator().manual_seed(self.seed * 1000 + stage_index)
+        loader = DataLoader(blocks.with_format("torch"), batch_size=s.batch_size, shuffle=True,
+                            drop_last=len(blocks) >= s.batch_size, generator=generator,
+                            collate_fn=MaskingCollator(self.tokenizer, s.mlm_probability, generator))
+        named = {id(p): n for n, p in model.named_parameters()}
+        parameters = self.method.trainable_parameters(model)
+        optimizer = adamw(parameters, named, s.lr, s.weight_decay)
+        scheduler = linear_schedule(optimizer, int(s.warmup * total_steps), total_steps)
+        objective, optimizer, loader, scheduler = accelerator.prepare(
+            MaskedLMObjective(model), optimizer, loader, scheduler)
+        state = StageState(stage, stage_index, model, objective, optimizer, accelerator, s, self.tokenizer,
+                           blocks, self.seed)
+        objective.train()
+        self.method.before_domain(state)
+
+        losses: list[float] = []
+        tokens = 0
+        batches = _endless(loader)
+        progress = tqdm(total=total_steps, desc=f"DAP {stage.name}", disable=not self.show_progress,
+                        dynamic_ncols=True, leave=False)
+        started = time.perf_counter()
+        for step in range(total_steps):
+            step_loss = 0.0
+            for _ in range(s.grad_accum):
+                batch = next(batches)
+                with accelerator.autocast():
+                    loss = self.method.loss(state, batch) / s.grad_accum
+                accelerator.backward(loss)
+                step_loss += loss.detach().float().item()
+                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"non-finite loss in stage {stage.name!r} at step {step + 1}")
+            if accelerator.scaler is not None:  # fp16: methods and clipping see true gradient values
+                accelerator.unscale_gradients()
+            self.method.after_backward(state)
+            if s.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, s.max_grad_norm)
+            optimizer.step()
+            self.method.after_optimizer_step(state)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step + 1
+            losses.append(step_loss)
+            elapsed = time.perf_counter() - started
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        progress.close()
+        seconds = time.perf_counter() - started
+        self.method.after_domain(state)
+        accelerator.free_memory()
+        window = max(1, min(10, len(losses) // 10 or 1))
+        return StageRecord(domain=stage.name, steps=total_steps, tokens=tokens, seconds=round(seconds, 3),
+                           loss_first=float(sum(losses[:window]) / window),
+                           loss_last=float(sum(losses[-window:]) / window),
+                           loss_curve=_curve(losses, points=50))
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def _curve(values: list[float], points: int) -> list[float]:
+    """Mean of `values` in up to `points` consecutive windows (a compact loss curve for the result file)."""
+    if not values:
+        return []
+    size = math.ceil(len(values) / points)
+    return [round(sum(values[i: i + size]) / len(values[i: i + size]), 5) for i in range(0, len(values), size)]

@@ -1,0 +1,1 @@
+"""Suite definitions as YAML data (installed as cpt_bench.tasks)."""

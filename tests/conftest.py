@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny word-level BERT and a tiny two-domain suite written to a temp folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = {
+    "cats": (["purr", "nap", "soft", "calm"], ["hiss", "scratch", "bite", "claw"]),
+    "dogs": (["wag", "fetch", "loyal", "happy"], ["growl", "bark", "snap", "howl"]),
+    "general": (["good", "nice", "fine", "great"], ["bad", "awful", "poor", "grim"]),
+}
+FILLER = ["the", "a", "was", "is", "and", "very", "it", "."]
+
+
+def _sentences(domain: str, count: int, rng: random.Random) -> list[dict]:
+    good, bad = WORDS[domain]
+    rows = []
+    for i in range(count):
+        label, words = ("pos", good) if i % 2 == 0 else ("neg", bad)
+        rows.append({"text": f"the {domain} was {rng.choice(words)} and {rng.choice(words)} .", "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertForMaskedLM
+
+    from cpt_bench.synthetic import build_tokenizer
+
+    vocabulary = sorted({w for pair in WORDS.values() for group in pair for w in group}
+                        | set(FILLER) | set(WORDS))
+    tokenizer = build_tokenizer(vocabulary, 64)
+    import torch
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-model")
+    BertForMaskedLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_suite_data(root: Path) -> None:
+    rng = random.Random(0)
+    for domain in WORDS:
+        write_jsonl(root / domain / "unlabeled.jsonl", [{"text": r["text"]} for r in _sentences(domain, 80, rng)])
+        write_jsonl(root / domain / "train.jsonl", _sentences(domain, 24, rng))
+        write_jsonl(root / domain / "dev.jsonl", _sentences(domain, 8, rng))
+        write_jsonl(root / domain / "test.jsonl", _sentences(domain, 12, rng))
+
+
+def tiny_suite_config(model_dir: Path) -> dict:
+    def task(domain: str) -> dict:
+        return {"train": f"{domain}/train.jsonl", "dev": f"{domain}/dev.jsonl", "test": f"{domain}/test.jsonl",
+                "labels": ["neg", "pos"]}
+
+    return {
+        "name": "tiny",
+        "description": "two tiny domains for tests",
+        "model": str(model_dir),
+        "data_dir": "data",
+        "domains": [{"name": d, "corpus": f"{d}/unlabeled.jsonl", "end_task": task(d)} for d in ("cats", "dogs")],
+        "probes": [{"name": "general", "end_task": task("general")}],
+        "dap": {"steps": 4, "batch_size": 4, "seq_len": 16, "lr": 1e-3},
+        "finetune": {"epochs": 1, "batch_size": 8, "max_length": 16},
+    }
+
+
+@pytest.fixture
+def tiny_suite(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """Path to a valid tiny suite YAML (data beside it); tests edit the YAML or data to break it."""
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    tiny_suite_data(tmp_path / "data")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_suite_config(tiny_model_dir), sort_keys=False))
+    return path
+
+
+def run_cli(*args: str):
+    """Invoke the CLI in-process; returns typer's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from cpt_bench.cli import app
+
+    return CliRunner().invoke(app, list(args))

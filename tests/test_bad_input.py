@@ -1,0 +1,106 @@
+"""Bad input: a one-line error naming the problem, exit code 2, no traceback, no result file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+
+def _expect_bad_input(tmp_path: Path, args: list[str], *fragments: str) -> str:
+    out = tmp_path / "runs"
+    result = run_cli(*args, "--output", str(out), "--quiet") if args[0] == "run" else run_cli(*args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert not out.exists() or not list(out.glob("*.json")), "a result file was written"
+    return lines[0]
+
+
+def _edit_suite(path: Path, edit) -> None:
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_unknown_method(tiny_suite, tmp_path):
+    _expect_bad_input(tmp_path, ["run", "--method", "nope", "--suite", str(tiny_suite)], "unknown method", "nope")
+
+
+def test_unknown_suite(tmp_path):
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", "nosuchsuite"], "unknown suite",
+                      "nosuchsuite")
+
+
+@pytest.mark.parametrize("order, fragment", [("cats,birds", "birds"), ("cats,cats", "twice")])
+def test_bad_order(tiny_suite, tmp_path, order, fragment):
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite), "--order", order],
+                      fragment)
+
+
+def test_missing_data_file(tiny_suite, tmp_path):
+    (tmp_path / "data" / "dogs" / "test.jsonl").unlink()
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "missing data file",
+                      "dogs/test.jsonl")
+
+
+def test_label_outside_label_set(tiny_suite, tmp_path):
+    train = tmp_path / "data" / "cats" / "train.jsonl"
+    train.write_text(train.read_text() + json.dumps({"text": "the cats was purr .", "label": "meh"}) + "\n")
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "'meh'",
+                      "cats/train.jsonl line 25", "label set")
+
+
+def test_empty_corpus(tiny_suite, tmp_path):
+    (tmp_path / "data" / "cats" / "unlabeled.jsonl").write_text("\n")
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "empty corpus",
+                      "cats/unlabeled.jsonl")
+
+
+def test_model_path_that_does_not_load(tiny_suite, tmp_path):
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text("{}")
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite), "--model",
+                                 str(tmp_path / "no-weights")], "no weights")
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite), "--model",
+                                 "no-such-org/no-such-model"], "no-such-org/no-such-model")
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndomains: [a, b\n")
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(bad)], "malformed YAML", "line")
+
+
+def test_suite_field_with_wrong_type(tiny_suite, tmp_path):
+    _edit_suite(tiny_suite, lambda d: d["dap"].update(steps="many"))
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "dap.steps",
+                      "expected int")
+
+
+def test_domain_listed_twice(tiny_suite, tmp_path):
+    _edit_suite(tiny_suite, lambda d: d["domains"].append(dict(d["domains"][0])))
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "'cats'", "twice")
+
+
+@pytest.mark.parametrize("option, fragment", [("dap.nosuch=1", "unknown key"), ("dap.steps=abc", "expected int"),
+                                              ("other.lr=1", "unknown settings block"), ("nodot=1", "BLOCK.KEY")])
+def test_bad_set_option(tiny_suite, tmp_path, option, fragment):
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite), "--set", option],
+                      fragment)
+
+
+def test_missing_data_dir(tiny_suite, tmp_path):
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite), "--data-dir",
+                                 str(tmp_path / "nowhere")], "--data-dir", "nowhere")
+
+
+def test_unknown_list_target(tmp_path):
+    _expect_bad_input(tmp_path, ["list", "widgets"], "widgets")
