@@ -126,6 +126,9 @@ class EndTaskData:
     dev: EndTaskSplit | None
     average: str
     finetune_overrides: dict[str, Any]
+    evaluator: str = "head"
+    template: str | None = None
+    verbalizer: dict[str, list[str]] | None = None
 
 
 def read_end_task_split(source: Source, task: EndTask, data_dir: Path | None, limit: int | None,
@@ -151,7 +154,27 @@ def read_end_task_split(source: Source, task: EndTask, data_dir: Path | None, li
     return EndTaskSplit(texts, pairs if task.text_pair_field else None, labels, where)
 
 
+def read_verbalizer(task: EndTask, data_dir: Path | None, name: str) -> dict[str, list[str]]:
+    verbalizer = task.prompt.verbalizer
+    where = f"end task {name} verbalizer"
+    if isinstance(verbalizer, str):
+        path = resolve_path(verbalizer, data_dir)
+        where = str(path)
+        if not path.is_file():
+            raise BadInput(f"missing data file: {path}")
+        try:
+            verbalizer = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BadInput(f"{path}: not a JSON object of label -> list of words") from None
+    if not isinstance(verbalizer, dict) or sorted(verbalizer) != sorted(task.labels) or not all(
+            isinstance(words, list) and words and all(isinstance(w, str) for w in words)
+            for words in verbalizer.values()):
+        raise BadInput(f"{where}: needs a non-empty list of words for every label of {task.labels} and nothing else")
+    return {label: list(verbalizer[label]) for label in task.labels}
+
+
 def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | None) -> EndTaskData:
+    prompt = task.prompt if task.evaluator == "prompt" else None
     return EndTaskData(
         name=name,
         label_names=list(task.labels),
@@ -160,12 +183,27 @@ def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | 
         dev=read_end_task_split(task.dev, task, data_dir, limit, f"{name} dev") if task.dev else None,
         average=task.average,
         finetune_overrides=dict(task.finetune),
+        evaluator=task.evaluator,
+        template=prompt.template if prompt else None,
+        verbalizer=read_verbalizer(task, data_dir, name) if prompt else None,
     )
 
 
-def encode_split(tokenizer, split: EndTaskSplit, max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenise (text, optional second text) pairs, padded to the longest and truncated to `max_length`."""
-    if split.text_pairs is not None:
+def encode_split(tokenizer, split: EndTaskSplit, max_length: int, template: str | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Tokenise (text, optional second text) pairs, padded to the longest and truncated to `max_length`.
+
+    With a prompt `template`, each example becomes one text holding one mask token."""
+    if template is not None:
+        pairs = split.text_pairs or [""] * len(split.texts)
+        texts = [template.format(text=t, text_pair=p, mask=tokenizer.mask_token) for t, p in zip(split.texts, pairs)]
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        masks = (encoded["input_ids"] == tokenizer.mask_token_id).sum(-1)
+        if not bool((masks == 1).all()):
+            row = int((masks != 1).nonzero()[0])
+            raise BadInput(f"{split.source} example {row + 1}: the prompt has {int(masks[row])} mask tokens after "
+                           f"truncation to {max_length} tokens (need exactly 1; raise finetune.max_length)")
+    elif split.text_pairs is not None:
         # aspect-style pairs: the short second text first, so truncation cuts the long sentence, not the aspect
         encoded = tokenizer(split.text_pairs, split.texts, truncation="only_second", max_length=max_length,
                             padding="longest", return_tensors="pt")
@@ -192,7 +230,7 @@ def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
     """
     import datasets
 
-    content = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    content = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
     key = f"{content}-{tokenizer_fingerprint(tokenizer)}-{seq_len}"
     path = cache_dir() / "blocks" / key
     if (path / "dataset_info.json").exists():

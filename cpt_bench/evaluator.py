@@ -14,7 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cpt_bench.data import EndTaskData, encode_split
-from cpt_bench.models import encoder
+from cpt_bench.errors import BadInput
+from cpt_bench.models import encoder, mlm_head
 from cpt_bench.settings import FinetuneSettings, build
 from cpt_bench.trainer import adamw, linear_schedule
 
@@ -52,6 +53,47 @@ class SequenceClassifier(nn.Module):
         return self.out(self.dropout(torch.tanh(self.dense(self.dropout(first)))))
 
 
+class PromptClassifier(nn.Module):
+    """The LM itself as classifier: a label's score is the log-sum-exp of its verbalizer words' MLM logits
+    at the prompt's mask (prompt-based fine-tuning, Schick & Schütze 2021; Gao et al. 2021)."""
+
+    def __init__(self, lm: nn.Module, label_token_ids: list[list[int]], mask_token_id: int):
+        super().__init__()
+        self.lm = lm
+        self.label_token_ids = [torch.tensor(ids) for ids in label_token_ids]
+        self.mask_token_id = mask_token_id
+
+    def forward(self, input_ids, attention_mask):
+        hidden = encoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask)[0]
+        logits = mlm_head(self.lm)(hidden[input_ids == self.mask_token_id])  # one mask per row
+        return torch.stack([torch.logsumexp(logits[:, ids.to(logits.device)], dim=-1)
+                            for ids in self.label_token_ids], dim=-1)
+
+
+def verbalizer_token_ids(tokenizer, task: EndTaskData) -> list[list[int]]:
+    """Each label's words as single vocabulary ids (a word that is not one token is an error)."""
+    ids = []
+    for label in task.label_names:
+        label_ids = []
+        for word in task.verbalizer[label]:
+            pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1 or pieces[0] == tokenizer.unk_token_id:
+                raise BadInput(f"end task {task.name}: verbalizer word {word!r} is not a single token of the model")
+            label_ids.append(pieces[0])
+        ids.append(label_ids)
+    return ids
+
+
+def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData) -> None:
+    """Fail early (before any training) on settings or inputs the evaluator cannot use."""
+    settings = task_settings(defaults, task)
+    for split in (task.train, task.dev, task.test):
+        if split is not None:
+            encode_split(tokenizer, split, settings.max_length, task.template)
+    if task.evaluator == "prompt":
+        verbalizer_token_ids(tokenizer, task)
+
+
 def task_settings(defaults: FinetuneSettings, task: EndTaskData) -> FinetuneSettings:
     if not task.finetune_overrides:
         return defaults
@@ -73,18 +115,24 @@ class EndTaskEvaluator:
             return None
         key = (task.name, which, max_length)
         if key not in self._encoded:
-            self._encoded[key] = encode_split(self.tokenizer, split, max_length)
+            self._encoded[key] = encode_split(self.tokenizer, split, max_length, task.template)
         return self._encoded[key]
 
+    def classifier(self, lm: nn.Module, task: EndTaskData) -> nn.Module:
+        if task.evaluator == "prompt":
+            return PromptClassifier(copy.deepcopy(lm), verbalizer_token_ids(self.tokenizer, task),
+                                    self.tokenizer.mask_token_id)
+        config = lm.config
+        return SequenceClassifier(copy.deepcopy(encoder(lm)), config.hidden_size, len(task.label_names),
+                                  getattr(config, "hidden_dropout_prob", 0.1))
+
     def evaluate(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
-        """Fine-tune a copy of `lm`'s encoder with a fresh head on `task`; return test scores."""
+        """Fine-tune a copy of `lm` (its encoder with a fresh head, or the whole LM through a prompt) on `task`;
+        return test scores."""
         s = task_settings(self.settings, task)
         device = self.accelerator.device
         torch.manual_seed(seed)
-        config = lm.config
-        dropout = getattr(config, "hidden_dropout_prob", 0.1)
-        model = SequenceClassifier(copy.deepcopy(encoder(lm)), config.hidden_size, len(task.label_names),
-                                   dropout).to(device)
+        model = self.classifier(lm, task).to(device)
         train = self._split(task, "train", s.max_length)
         dev = self._split(task, "dev", s.max_length)
         test = self._split(task, "test", s.max_length)

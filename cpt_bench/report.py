@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -56,7 +57,9 @@ def general_retention(result: dict[str, Any]) -> float | None:
 def rows(results: list[dict[str, Any]]) -> pd.DataFrame:
     records = []
     for r in results:
-        record = {"suite": r["suite"], "method": r["method"], "order": ",".join(r["domains"]),
+        setup = json.dumps([r["model"], r.get("method_config"), r.get("settings")], sort_keys=True)
+        record = {"suite": r["suite"], "method": r["method"], "order": ",".join(map(str, r["domains"])),
+                  "model": r["model"], "config": hashlib.sha256(setup.encode()).hexdigest()[:6],
                   "seed": r["seed"]}
         for column, (block, key) in METRIC_COLUMNS.items():
             record[column] = r[block].get(key)
@@ -66,13 +69,15 @@ def rows(results: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def summarise(results: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (suite, method, order): seeds, and mean/std of each metric (std over seeds, ddof=1)."""
+    """One row per (suite, method, order, model, configuration): seeds, and mean/std of each metric over
+    seeds (ddof=1). Runs that differ in model or any setting are never averaged together."""
     frame = rows(results)
-    value_columns = [c for c in frame.columns if c not in ("suite", "method", "order", "seed")]
+    keys = ["suite", "method", "order", "model", "config"]
+    value_columns = [c for c in frame.columns if c not in (*keys, "seed")]
     out = []
-    for (suite, method, order), group in frame.groupby(["suite", "method", "order"], sort=True):
-        record: dict[str, Any] = {"suite": suite, "method": method, "order": order,
-                                  "seeds": ",".join(str(s) for s in sorted(group["seed"]))}
+    for (suite, method, order, model, config), group in frame.groupby(keys, sort=True):
+        record: dict[str, Any] = {"suite": suite, "method": method, "order": order, "model": model,
+                                  "config": config, "seeds": ",".join(str(s) for s in sorted(group["seed"]))}
         for column in value_columns:
             values = [float(v) for v in group[column] if v is not None and not _isnan(v)]
             record[f"{column} mean"] = sum(values) / len(values) if values else None
@@ -107,11 +112,16 @@ def render(summary: pd.DataFrame, fmt: str) -> str:
     if fmt != "markdown":
         raise BadInput(f"--format {fmt!r} is not supported (use markdown, csv or json)")
     metric_names = [c[: -len(" mean")] for c in summary.columns if c.endswith(" mean")]
-    table = summary[["method", "suite", "order", "seeds"]].copy()
+    identity = ["method", "suite", "order", "seeds"]
+    if summary.groupby(["suite", "method", "order"])["model"].nunique().max() > 1:
+        identity.insert(3, "model")
+    if summary.groupby(["suite", "method", "order", "model"])["config"].nunique().max() > 1:
+        identity.insert(3, "config")  # same method run with different settings: tell the rows apart
+    table = summary[identity].copy()
     for name in metric_names:
         table[name] = [format_cell(m if not _isnan(m) else None, s if not _isnan(s) else None)
                        for m, s in zip(summary[f"{name} mean"], summary[f"{name} std"])]
-    return table.to_markdown(index=False)
+    return table.to_markdown(index=False, disable_numparse=True)  # keep "0.500": cells are text
 
 
 def report(paths: list[str], fmt: str = "markdown") -> str:

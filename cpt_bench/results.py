@@ -110,5 +110,11 @@ def load_result(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a {SCHEMA} result file")
+        raise ValueError(f"not a {SCHEMA} result file")
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise ValueError(f"key {key!r} is missing or not a {kind.__name__}")
     return data
+
+
+REQUIRED_KEYS = {"method": str, "suite": str, "domains": list, "seed": int, "model": str, "metrics": dict}

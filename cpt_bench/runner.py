@@ -14,7 +14,7 @@ import torch
 
 from cpt_bench.data import cache_dir, mlm_blocks, read_corpus, read_end_task
 from cpt_bench.errors import BadInput
-from cpt_bench.evaluator import EndTaskEvaluator, derive_seed, task_settings
+from cpt_bench.evaluator import EndTaskEvaluator, check_end_task, derive_seed
 from cpt_bench.models import load_masked_lm
 from cpt_bench.plugin import Method, SequenceState, method_class
 from cpt_bench.results import SCHEMA, command_line, git_commit, metrics_block, versions, write_json_atomic
@@ -104,6 +104,8 @@ def plan_run(request: RunRequest) -> RunPlan:
     plan.data = LoadedData(plan)  # data problems surface before the (possibly slow) model load
     plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name)
     plan.data.tokenizer = plan.tokenizer
+    for task in plan.data.tasks + plan.data.probes:
+        check_end_task(plan.tokenizer, plan.finetune, task)
     return plan
 
 
@@ -135,8 +137,6 @@ class LoadedData:
             self.corpora[name] = (texts, where)
             self.tasks.append(read_end_task(name, domain.end_task, plan.data_dir, limit))
         self.probes = [read_end_task(p.name, p.end_task, plan.data_dir, limit) for p in suite.probes]
-        for task in self.tasks + self.probes:
-            task_settings(plan.finetune, task)  # validates per-task overrides now, not after training
         self.tokenizer = None  # set once the model is loaded
         self._blocks: dict[str, Any] = {}
 

@@ -28,6 +28,19 @@ Source = str | HubSource  # a str is a file (jsonl, txt, csv) relative to the da
 
 
 @dataclasses.dataclass
+class Prompt:
+    """Prompt-based fine-tuning through the MLM head (PET / LM-BFF style): the template holds one mask,
+    and a label's score is the log-sum-exp of the MLM logits of its verbalizer words at that mask."""
+
+    template: str  # with {text}, optionally {text_pair}, and exactly one {mask}
+    verbalizer: str | dict[str, list[str]]  # label -> words, inline or a JSON file under the data dir
+
+    def check(self, where: str) -> None:
+        if self.template.count("{mask}") != 1 or "{text}" not in self.template:
+            raise BadInput(f"{where}.template: needs {{text}} and exactly one {{mask}}, got {self.template!r}")
+
+
+@dataclasses.dataclass
 class EndTask:
     """A classification end task: text (+ optional second text) -> one label of a fixed label set."""
 
@@ -40,8 +53,12 @@ class EndTask:
     label_field: str = "label"
     average: Literal["macro", "micro"] = "macro"  # F1 averaging reported as `macro_f1`; micro only on request
     finetune: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-task fine-tuning overrides
+    evaluator: Literal["head", "prompt"] = "head"  # fresh classification head, or prompt + verbalizer
+    prompt: Prompt | None = None
 
     def check(self, where: str) -> None:
+        if self.evaluator == "prompt" and self.prompt is None:
+            raise BadInput(f"{where}: evaluator 'prompt' needs a prompt block (template, verbalizer)")
         if len(self.labels) < 2:
             raise BadInput(f"{where}.labels: need at least two labels, got {self.labels}")
         if len(set(self.labels)) != len(self.labels):
