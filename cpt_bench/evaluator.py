@@ -17,7 +17,7 @@ from cpt_bench.data import EndTaskData, encode_split
 from cpt_bench.errors import BadInput
 from cpt_bench.models import encoder, mlm_head
 from cpt_bench.settings import FinetuneSettings, build
-from cpt_bench.trainer import adamw, linear_schedule
+from cpt_bench.trainer import adamw, linear_schedule, progress_interval
 
 
 @functools.cache
@@ -145,7 +145,7 @@ class EndTaskEvaluator:
         generator = torch.Generator().manual_seed(seed)
         best_state, best_dev = None, -1.0
         progress = tqdm(total=total, desc=f"fine-tune {task.name}", disable=not self.show_progress,
-                        leave=False, dynamic_ncols=True)
+                        leave=False, dynamic_ncols=True, mininterval=progress_interval())
         for _ in range(s.epochs):
             model.train()
             order = torch.randperm(n, generator=generator)

@@ -2,37 +2,44 @@
 
 Everything here is written by us and deterministic in a seed: no third-party text, nothing downloaded.
 
-The language. A pool of *class words* (pseudo-words such as "kibo") is shared by every domain and by the
-general language, but each of them partitions the pool into classes its own way: the same word can be
-praise in one domain and complaint in another, the way "unpredictable" is good for a film plot and bad for
-a car's steering. A sentence names its domain with a topic-marker word and pairs two class words of the
-same class ("in tolvar the dobe was kibo and rafu ."), so the class structure of a domain is learnable only
-from co-occurrence in that domain's unlabeled text. Domains that share a partition give transfer; domains
-with different partitions of the same words conflict, so continual training on one overwrites another.
+The language. A pool of *class words* (pseudo-words such as "kibo") is split into classes. A sentence lists
+four words of one class ("rafu kibo teso nalu ."), so a word's class is learnable only from co-occurrence:
+what fills a masked slot next to its class-mates. The general language (what the base LM is pretrained on)
+uses the *general* partition. Each domain prefixes its sentences with a topic marker ("in tolvar ...") and
+*moves* its own subset of the words to other classes: the same word means something else in that domain,
+the way "unpredictable" is praise for a plot and a complaint about steering. Words that no domain moves
+(the *anchor* words) keep their general class everywhere.
 
-End tasks. Classify a sentence by the class of its class words. The class words of each test item never
-occur in the task's training split (they are split per class), so a fine-tuned classifier generalises to
-them only through what the LM learned about them during DAP. The general probe does the same for the
-general language's partition, which the base LM learned in pretraining and no domain trains on.
+Why the effects appear. DAP on a domain moves its words (learned in a few hundred steps, because the base
+LM already uses class-mates as context and the anchors hold the classes in place). A later domain that
+does not move those words shows them in their general class again, so continual training on it undoes the
+earlier domain (forgetting); domains that move the same words the same way (a shared group) transfer to each
+other; and every domain contradicts the general partition on its words, so general knowledge is lost too.
+
+End tasks. "Which class is this?" for two moved words of the same domain class ("in tolvar kibo teso"),
+read through a prompt ("... [MASK] .") whose verbalizer is each class's anchor words. Test and training items
+share no class word: training items use anchor words only, so the fine-tuned classifier cannot learn the
+moved words' classes from the task and must rely on what DAP put into the LM. The general probe asks the
+same of the moved words under the general partition (no marker), which the base LM knows and domains erode.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from cpt_bench.errors import BadInput
 from cpt_bench.settings import build
 
-GENERATOR_VERSION = 1
-FUNCTION_WORDS = ["in", "the", "a", "was", "is", "and", "it", "really", "very", "too", "people", "said",
-                  "felt", "seemed", "so", "of", "this", "that", "with", "also", ".", ","]
+GENERATOR_VERSION = 4
 
 
 @dataclasses.dataclass
@@ -40,23 +47,31 @@ class SyntheticParams:
     """Shape of the generated language (the `generator.params` block of a suite YAML)."""
 
     domains: list[str] = dataclasses.field(default_factory=lambda: ["alpha", "beta", "gamma", "delta"])
-    # domains listed in the same group share one partition of the class words (transfer between them)
+    # domains in one group move the same words the same way (transfer); other groups move disjoint words
     shared_groups: list[list[str]] = dataclasses.field(default_factory=lambda: [["alpha", "beta"]])
     class_words: int = 60
     classes: int = 3
-    entities: int = 40  # per domain (and for the general language)
+    anchor_words_per_class: int = 6  # never moved: the verbalizer and the end-task training items
+    words_per_sentence: int = 4
     corpus_sentences: int = 6000  # unlabeled sentences per domain
     general_sentences: int = 12000
-    train_words_per_class: int = 6  # class words that appear in end-task training items; the rest are test-only
-    train_items: int = 240
-    dev_items: int = 120
+    train_items: int = 120
     test_items: int = 300
 
     def check(self, where: str) -> None:
         if len(set(self.domains)) != len(self.domains) or "general" in self.domains:
             raise BadInput(f"{where}.domains: names must be unique and not 'general'")
-        if self.class_words % self.classes or self.class_words // self.classes <= self.train_words_per_class:
-            raise BadInput(f"{where}: class_words must split evenly into classes with test-only words left")
+        grouped = [d for g in self.shared_groups for d in g]
+        if len(set(grouped)) != len(grouped) or not set(grouped) <= set(self.domains):
+            raise BadInput(f"{where}.shared_groups: each domain at most once, and only listed domains")
+        per_class = self.class_words // self.classes
+        movable = per_class - self.anchor_words_per_class
+        groups = len(self.domains) - len(grouped) + len(self.shared_groups)
+        if self.class_words % self.classes or self.classes < 2 or movable < 2 * groups:
+            raise BadInput(f"{where}: need class_words divisible by classes and at least 2 movable words per "
+                           f"class for each of the {groups} domain groups")
+        if self.words_per_sentence < 2 or self.words_per_sentence > self.anchor_words_per_class:
+            raise BadInput(f"{where}.words_per_sentence: must be between 2 and anchor_words_per_class")
 
 
 def _pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
@@ -73,84 +88,89 @@ def _pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
 
 @dataclasses.dataclass
 class Language:
-    """One partition of the class words with its marker and entities: a domain, or the general language."""
+    """A partition of the class words (a domain's, or the general one) with the words it moved."""
 
     name: str
-    marker: str | None  # topic word in every sentence (None: the general language)
-    classes: list[list[str]]  # class index -> its class words
-    entities: list[str]
+    marker: str | None  # topic word that starts every sentence (None: the general language)
+    classes: list[list[str]]  # class index -> its words
+    anchors: list[list[str]]  # class index -> anchor words (same in every language)
+    moved: list[list[str]]  # class index -> words this language moved into the class (tested words)
 
 
-def build_languages(seed: int, p: SyntheticParams) -> tuple[list[str], dict[str, Language]]:
+def build_languages(seed: int, p: SyntheticParams) -> dict[str, Language]:
     rng = random.Random(f"synthetic-v{GENERATOR_VERSION}-{seed}")
-    taken = set(FUNCTION_WORDS)
-    pool = _pseudo_words(rng, p.class_words, taken)
+    taken: set[str] = set()
     per_class = p.class_words // p.classes
+    general = [sorted(_pseudo_words(rng, per_class, taken)) for _ in range(p.classes)]
+    anchors = [words[: p.anchor_words_per_class] for words in general]
+    grouped = {d for g in p.shared_groups for d in g}
+    groups = [list(g) for g in p.shared_groups] + [[d] for d in p.domains if d not in grouped]
+    # each group moves its own share of every class's movable words, half to each other class (balanced)
+    movable = [words[p.anchor_words_per_class:] for words in general]
+    for words in movable:
+        rng.shuffle(words)
+    moves_by_group: list[dict[str, int]] = []
+    for g in range(len(groups)):
+        moves: dict[str, int] = {}
+        for cls, words in enumerate(movable):
+            share = words[g::len(groups)]
+            others = [c for c in range(p.classes) if c != cls]
+            for i, word in enumerate(share):
+                moves[word] = others[i % len(others)]
+        moves_by_group.append(moves)
 
-    def partition() -> list[list[str]]:
-        shuffled = pool[:]
-        rng.shuffle(shuffled)
-        return [sorted(shuffled[c * per_class:(c + 1) * per_class]) for c in range(p.classes)]
-
-    group_of = {d: tuple(g) for g in p.shared_groups for d in g}
-    partitions: dict[Any, list[list[str]]] = {}
-    languages = {"general": Language("general", None, partition(), _pseudo_words(rng, p.entities, taken))}
-    for domain in p.domains:
-        key = group_of.get(domain, domain)
-        if key not in partitions:
-            partitions[key] = partition()
-        marker = _pseudo_words(rng, 1, taken)[0]
-        languages[domain] = Language(domain, marker, partitions[key], _pseudo_words(rng, p.entities, taken))
-    return pool, languages
-
-
-def _sentence(rng: random.Random, lang: Language, cls: int, words: list[str] | None = None) -> str:
-    """A sentence whose two class words share class `cls` (drawn from `words` when given)."""
-    choices = words if words is not None else lang.classes[cls]
-    first, second = rng.sample(choices, 2)
-    entity = rng.choice(lang.entities)
-    if lang.marker is None:
-        template = rng.choice([
-            "the {e} was {a} and {b} .",
-            "people said the {e} is {a} , really {b} .",
-            "this {e} seemed {a} and also {b} .",
-        ])
-        return template.format(e=entity, a=first, b=second)
-    template = rng.choice([
-        "in {m} the {e} was {a} and {b} .",
-        "in {m} , people said the {e} is {a} , really {b} .",
-        "in {m} this {e} seemed very {a} and {b} too .",
-    ])
-    return template.format(m=lang.marker, e=entity, a=first, b=second)
+    general_moved = [sorted({w for m in moves_by_group for w in m} & set(words)) for words in general]
+    languages = {"general": Language("general", None, general, anchors, general_moved)}
+    for g, group in enumerate(groups):
+        moves = moves_by_group[g]
+        classes = [[w for w in words if w not in moves] for words in general]
+        moved: list[list[str]] = [[] for _ in range(p.classes)]
+        for word, cls in sorted(moves.items()):
+            classes[cls].append(word)
+            moved[cls].append(word)
+        for domain in group:
+            marker = _pseudo_words(rng, 1, taken)[0]
+            languages[domain] = Language(domain, marker, [sorted(c) for c in classes], anchors, moved)
+    return dict(sorted(languages.items(), key=lambda kv: (kv[0] != "general", p.domains.index(kv[0])
+                                                          if kv[0] in p.domains else -1)))
 
 
-def _task_items(rng: random.Random, lang: Language, count: int, words_of_class) -> list[dict[str, str]]:
+def _prefix(lang: Language) -> str:
+    return "" if lang.marker is None else f"in {lang.marker} "
+
+
+def _sentence(rng: random.Random, lang: Language, cls: int, size: int) -> str:
+    return _prefix(lang) + " ".join(rng.sample(lang.classes[cls], size)) + " ."
+
+
+def _items(rng: random.Random, lang: Language, count: int, words: list[list[str]]) -> list[dict[str, str]]:
+    """Classification items: two words of one class (from `words`) after the language's marker."""
+    pairs = {cls: list(itertools.permutations(ws, 2)) for cls, ws in enumerate(words) if len(ws) >= 2}
     items = []
     for i in range(count):
-        cls = i % len(lang.classes)
-        items.append({"text": _sentence(rng, lang, cls, words_of_class(cls)), "label": f"class{cls}"})
+        cls = sorted(pairs)[i % len(pairs)]
+        first, second = rng.choice(pairs[cls])
+        items.append({"text": f"{_prefix(lang)}{first} {second}", "label": f"class{cls}"})
     rng.shuffle(items)
     return items
 
 
-def generate(seed: int, p: SyntheticParams) -> dict[str, list[dict[str, str]]]:
-    """All files of the suite: {relative path: rows}."""
-    pool, languages = build_languages(seed, p)
-    files: dict[str, list[dict[str, str]]] = {}
+def generate(seed: int, p: SyntheticParams) -> dict[str, Any]:
+    """All files of the suite: {relative path: rows (or an object for .json files)}."""
+    languages = build_languages(seed, p)
+    files: dict[str, Any] = {}
     for name, lang in languages.items():
         rng = random.Random(f"synthetic-v{GENERATOR_VERSION}-{seed}-{name}")
         size = p.general_sentences if name == "general" else p.corpus_sentences
         files[f"{name}/unlabeled.jsonl"] = [
-            {"text": _sentence(rng, lang, rng.randrange(p.classes))} for _ in range(size)]
-        # per class: the first words are seen in training items, the rest only in dev/test items
-        train_words = [words[: p.train_words_per_class] for words in lang.classes]
-        held_out = [words[p.train_words_per_class:] for words in lang.classes]
-        files[f"{name}/train.jsonl"] = _task_items(rng, lang, p.train_items, lambda c: train_words[c])
-        files[f"{name}/dev.jsonl"] = _task_items(rng, lang, p.dev_items, lambda c: held_out[c])
-        files[f"{name}/test.jsonl"] = _task_items(rng, lang, p.test_items, lambda c: held_out[c])
-    files["vocabulary.jsonl"] = [{"text": w} for w in FUNCTION_WORDS + sorted(
-        {w for lang in languages.values() for w in [*lang.entities, *( [lang.marker] if lang.marker else [])]}
-        | set(pool))]
+            {"text": _sentence(rng, lang, rng.randrange(p.classes), p.words_per_sentence)} for _ in range(size)]
+        files[f"{name}/train.jsonl"] = _items(rng, lang, p.train_items, lang.anchors)
+        files[f"{name}/test.jsonl"] = _items(rng, lang, p.test_items, lang.moved)
+        files[f"{name}/verbalizer.json"] = {f"class{c}": words for c, words in enumerate(lang.anchors)}
+    words = sorted({w for lang in languages.values() for c in lang.classes for w in c})
+    markers = sorted(lang.marker for lang in languages.values() if lang.marker)
+    files["vocabulary.jsonl"] = [{"text": w} for w in ["in", "."] + markers + words]
+    files["languages.json"] = {name: dataclasses.asdict(lang) for name, lang in languages.items()}
     return files
 
 
@@ -175,7 +195,9 @@ def materialise(generator) -> Path:
     for relative, rows in generate(generator.seed, params).items():
         target = tmp / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        text = json.dumps(rows, indent=1) + "\n" if relative.endswith(".json") else \
+            "".join(json.dumps(r) + "\n" for r in rows)
+        target.write_text(text, encoding="utf-8")
     (tmp / "COMPLETE").write_text("ok\n")
     if path.exists():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,17 +210,22 @@ def materialise(generator) -> Path:
 
 @dataclasses.dataclass
 class BaseModelRecipe:
-    """A small BERT pretrained with masked LM on the general language, so it already uses context."""
+    """A small BERT pretrained with masked LM on the general language, so it already uses context.
+
+    (A tiny transformer trained from scratch on a domain sits on unigram statistics for thousands of steps;
+    pretrained on the general language it learns the general partition in ~300 steps and uses class-mates
+    as context from then on: a valid "original LM".)"""
 
     layers: int = 2
     hidden: int = 128
     heads: int = 4
     intermediate: int = 512
     max_positions: int = 64
-    pretrain_steps: int = 600
+    pretrain_steps: int = 500
     batch_size: int = 64
     seq_len: int = 32
     lr: float = 1e-3
+    warmup: float = 0.05
     seed: int = 0
 
 
@@ -248,11 +275,12 @@ def build_base_model(suite_name: str = "synthetic", recipe: BaseModelRecipe | No
     model = BertForMaskedLM(config)
     texts, where = read_corpus("general/unlabeled.jsonl", "text", data_dir, None)
     settings = DapSettings(steps=recipe.pretrain_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
-                           lr=recipe.lr, warmup=0.05)
+                           lr=recipe.lr, warmup=recipe.warmup)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    trainer = DapTrainer(accelerator, tokenizer, settings, Method(), recipe.seed)
+    trainer = DapTrainer(accelerator, tokenizer, settings, Method(), recipe.seed, show_progress=False)
     blocks = mlm_blocks(texts, tokenizer, recipe.seq_len, where)
-    print(f"building the base model of suite {suite_name!r} (once; cached in {path.parent})", flush=True)
+    print(f"building the base model of suite {suite_name!r}: {recipe.pretrain_steps} MLM steps on its general "
+          f"language (once; cached in {path.parent})", file=sys.stderr, flush=True)
     trainer.train_stage(model.to(accelerator.device), blocks, Stage("general", ["general"]), 0)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

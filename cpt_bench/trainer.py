@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from typing import Any
 
@@ -55,6 +56,11 @@ class StageRecord:
     loss_first: float
     loss_last: float
     loss_curve: list[float]
+
+
+def progress_interval() -> float:
+    """Seconds between progress-bar refreshes: live in a terminal, sparse in a log file."""
+    return 0.1 if sys.stderr.isatty() else 30.0
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
@@ -110,7 +116,7 @@ class DapTrainer:
         tokens = 0
         batches = _endless(loader)
         progress = tqdm(total=total_steps, desc=f"DAP {stage.name}", disable=not self.show_progress,
-                        dynamic_ncols=True, leave=False)
+                        dynamic_ncols=True, leave=False, mininterval=progress_interval())
         started = time.perf_counter()
         for step in range(total_steps):
             step_loss = 0.0

@@ -104,3 +104,18 @@ def test_missing_data_dir(tiny_suite, tmp_path):
 
 def test_unknown_list_target(tmp_path):
     _expect_bad_input(tmp_path, ["list", "widgets"], "widgets")
+
+
+def test_hub_dataset_offline(tiny_suite, tmp_path):
+    _edit_suite(tiny_suite, lambda d: d["domains"][0].update(corpus={"hub": "no-such-org/no-such-corpus"}))
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)],
+                      "no-such-org/no-such-corpus", "offline")
+
+
+def test_prompt_task_with_a_verbalizer_word_the_model_lacks(tiny_suite, tmp_path):
+    def edit(data):
+        data["domains"][0]["end_task"].update(evaluator="prompt", prompt={
+            "template": "{text} {mask} .", "verbalizer": {"neg": ["hiss"], "pos": ["zzzunknown"]}})
+    _edit_suite(tiny_suite, edit)
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "zzzunknown",
+                      "single token")
