@@ -69,7 +69,7 @@ def run(
 ) -> None:
     """Continual DAP over a suite's domains, end-task evaluation, one result file per seed."""
     from cpt_bench.runner import RunRequest, execute, make_accelerator, plan_run
-    from cpt_bench.results import write_json_atomic
+    from cpt_bench.results import write_artifacts, write_json_atomic
     from cpt_bench.suite import DEFAULT_SUITE
 
     _quiet_libraries()
@@ -82,8 +82,9 @@ def run(
     plan = plan_run(request)
     accelerator = make_accelerator(plan)
     for one_seed in request.seeds:
-        path, result = execute(plan, one_seed, accelerator)
+        path, result, artifacts = execute(plan, one_seed, accelerator)
         if accelerator.is_main_process:
+            result["artifacts"] = write_artifacts(path, artifacts)  # before the result: it marks completion
             write_json_atomic(path, result)
             _print_summary(result, path)
 
@@ -119,6 +120,22 @@ def report(
         typer.echo(f"wrote {output}")
     else:
         typer.echo(text)
+
+
+@app.command()
+@exits_2_on_bad_input
+def importance(
+    result: Annotated[str, typer.Argument(help="result file of a soft-masking run")],
+    output: Annotated[Optional[str], typer.Option(help="PNG path (default: <result stem>.importance.png)")] = None,
+) -> None:
+    """Per-layer summary of a soft-masking run's unit importances, and a heatmap PNG."""
+    from cpt_bench.importance import default_png_path, load_importances, summary_text, write_png
+
+    run_importances = load_importances(Path(result))
+    typer.echo(summary_text(run_importances))
+    png = Path(output) if output else default_png_path(Path(result))
+    write_png(run_importances, png)
+    typer.echo(f"\nheatmap PNG: {png}")
 
 
 def _quiet_libraries() -> None:

@@ -95,7 +95,11 @@ class Method:
         """The LM whose encoder is fine-tuned for end task `column` (a copy is taken; default: the LM)."""
         return model
 
-    # ---- checkpoints
+    # ---- results and checkpoints
+    def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Named tensor collections saved beside the result file as `<result>.<name>.safetensors`."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

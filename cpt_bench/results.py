@@ -118,3 +118,23 @@ def load_result(path: Path) -> dict[str, Any]:
 
 
 REQUIRED_KEYS = {"method": str, "suite": str, "domains": list, "seed": int, "model": str, "metrics": dict}
+
+
+def write_artifacts(result_path: Path, artifacts: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Save each tensor collection as `<result stem>.<name>.safetensors` (atomically); returns name -> file."""
+    from safetensors.torch import save_file
+
+    written = {}
+    for name, tensors in artifacts.items():
+        path = result_path.with_name(f"{result_path.stem}.{name}.safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written[name] = path.name
+    return written

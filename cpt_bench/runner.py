@@ -172,8 +172,8 @@ def result_path(plan: RunPlan, seed: int, config: dict[str, Any]) -> Path:
     return Path(plan.request.output) / name
 
 
-def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]]:
-    """Run one seed of a plan; returns the result file's path and content."""
+def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Run one seed of a plan; returns the result file's path, its content and the method's artifacts."""
     from accelerate.utils import set_seed
 
     request = plan.request
@@ -255,7 +255,7 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
             "command": command_line(), "config_hash": path.stem.rsplit("__", 1)[-1],
         },
     }
-    return path, result
+    return path, result, method.artifacts()
 
 
 def _stage_blocks(data: LoadedData, corpora: list[str], seq_len: int):

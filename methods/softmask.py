@@ -1,0 +1,229 @@
+"""Soft-masking (DAS; Ke, Shao, Lin, Konishi, Kim, Liu, ICLR 2023, "Continual Pre-training of Language Models").
+
+Importance of every attention head and FFN neuron is the gradient magnitude of a loss w.r.t. a virtual gate
+on the unit: for the original model's general knowledge through a proxy (KL between two dropout passes of
+the same input), for each learned domain through its MLM loss; normalised per layer, accumulated by max
+(Sec. 3.1). Updates of a unit are scaled by (1 - its accumulated importance) (Sec. 3.2). A contrastive loss
+contrasts the full network's representation with the importance-gated network's (previous knowledge) so the
+two are integrated (Sec. 3.3). Where the public code is wrong we follow the paper: the proxy runs in train
+mode (two passes differ), domain importance uses masked inputs, positives are two views of the same text,
+and by default the mask scales the optimizer's update (under AdamW a constant gradient scale cancels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from cpt_bench.data import MaskingCollator
+from cpt_bench.models import encoder, mlm_loss
+from cpt_bench.plugin import Method, SequenceState, register
+from cpt_bench.units import UNIT_KINDS, UnitMap, accumulate, normalise
+
+
+@dataclasses.dataclass
+class SoftMaskSettings:
+    target: Literal["update", "gradient"] = "update"  # what the mask scales; "gradient" = the public code
+    soft_mask: bool = True  # False: contrastive loss only (ablation)
+    contrastive: bool = True  # False: no contrastive loss (ablation)
+    contrastive_weight: float = 1.0  # lambda in L = MLM + lambda * contrastive
+    temperature: float = 0.05
+    general_importance: bool = True  # False: domain importances only (ablation)
+    random_importance: bool = False  # ablation: importances shuffled within each layer (same distribution)
+    importance_batches: int = 8  # batches of a domain's blocks used to compute an importance
+    other_parameters: Literal["train", "freeze"] = "train"  # embeddings, LayerNorms, LM head (paper: train)
+
+    def check(self, where: str) -> None:
+        from cpt_bench.errors import BadInput
+
+        if self.importance_batches <= 0 or self.temperature <= 0 or self.contrastive_weight < 0:
+            raise BadInput(f"{where}: importance_batches and temperature must be positive, "
+                           "contrastive_weight non-negative")
+
+
+def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the last hidden states over non-padding tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float,
+             offset: int = 0) -> torch.Tensor:
+    """InfoNCE: anchor row i against positive row offset+i; the other positive rows and all rows of
+    `negatives` are negatives (Sec. 3.3, Eq. 6). Cosine similarity over `temperature`."""
+    anchor, positive, negatives = (F.normalize(t.float(), dim=-1) for t in (anchor, positive, negatives))
+    logits = torch.cat([anchor @ positive.T, anchor @ negatives.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.arange(len(anchor), device=anchor.device) + offset)
+
+
+def unmasked_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The original tokens of a masked-LM batch (labels hold the originals at masked positions)."""
+    return torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+
+
+@register
+class SoftMask(Method):
+    name = "softmask"
+    aliases = ("das",)
+    description = "DAS soft-masking: unit importance, soft-masked updates, contrastive integration (Ke et al. 2023)"
+    Settings = SoftMaskSettings
+
+    def __init__(self, settings: SoftMaskSettings | None = None):
+        super().__init__(settings)
+        self.units: UnitMap | None = None
+        self.accumulated: dict[str, torch.Tensor] | None = None
+        self.history: list[tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        self._scales: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._before_step: list[torch.Tensor] = []
+        self._unit_parameter_ids: set[int] = set()
+
+    # ---- events
+    def on_sequence_start(self, run: SequenceState) -> None:
+        self.units = UnitMap(run.model)
+        self._unit_parameter_ids = {id(p) for p, *_ in self.units.unit_parameters()}
+        self._seed = run.seed
+
+    def before_domain(self, stage) -> None:
+        s = self.settings
+        if stage.stage_index == 0 and s.general_importance:
+            raw = self._importance(stage, general=True)
+            self._record("general", raw)
+        self._scales = []
+        if s.soft_mask and self.accumulated is not None:
+            for parameter, kind, layer, axis in self.units.unit_parameters():
+                keep = 1.0 - self.accumulated[kind][layer].to(parameter.device)
+                self._scales.append((parameter, self.units.parameter_scale(keep, kind, parameter, axis)))
+
+    def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = stage.objective(**batch)
+        s = self.settings
+        if s.contrastive and s.contrastive_weight > 0 and self.accumulated is not None:
+            loss = loss + s.contrastive_weight * self._contrastive(stage, batch)
+        return loss
+
+    def after_backward(self, stage) -> None:
+        if self.settings.other_parameters == "freeze":
+            for parameter in stage.model.parameters():
+                if id(parameter) not in self._unit_parameter_ids:
+                    parameter.grad = None  # AdamW skips parameters without a gradient (no decay either)
+        if not self._scales:
+            return
+        if self.settings.target == "gradient":  # the public code's variant (Sec. 3.2 as written)
+            for parameter, scale in self._scales:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(scale)
+        else:
+            self._before_step = [parameter.detach().clone() for parameter, _ in self._scales]
+
+    def after_optimizer_step(self, stage) -> None:
+        if self.settings.target != "update" or not self._scales:
+            return
+        # theta <- theta_old + (1 - I) * (theta_new - theta_old): the whole optimizer update of a unit's
+        # parameters (Adam step and weight decay) is scaled, so importance 1 means "does not move".
+        with torch.no_grad():
+            for (parameter, scale), old in zip(self._scales, self._before_step):
+                parameter.copy_(old + scale * (parameter - old))
+        self._before_step = []
+
+    def after_domain(self, stage) -> None:
+        raw = self._importance(stage, general=False)
+        self._record(stage.stage.name, raw)
+
+    # ---- importance (Sec. 3.1)
+    def _importance(self, stage, general: bool) -> dict[str, torch.Tensor]:
+        """Mean over batches of |dL/dg| for every unit's gate; L is the KL proxy (general) or the MLM loss."""
+        model, accelerator = stage.model, stage.accelerator
+        generator = torch.Generator().manual_seed(self._seed * 7919 + stage.stage_index * 2 + int(general))
+        loader = DataLoader(stage.blocks.with_format("torch"), batch_size=stage.settings.batch_size, shuffle=True,
+                            generator=generator,
+                            collate_fn=MaskingCollator(stage.tokenizer, stage.settings.mlm_probability, generator))
+        device = accelerator.device
+        gates = {k: v.requires_grad_(True) for k, v in self.units.ones(device).items()}
+        totals = self.units.zeros(device)
+        was_training = model.training
+        # the proxy needs dropout on (two passes of one input must differ); the MLM loss is read without noise
+        model.train(general)
+        batches = 0
+        for batch in loader:
+            if batches == self.settings.importance_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with self.units.gated(gates), accelerator.autocast():
+                if general:
+                    loss = self.proxy_loss(model, unmasked_ids(batch), batch["attention_mask"])
+                else:
+                    loss = mlm_loss(model, batch)
+            grads = torch.autograd.grad(loss, [gates[k] for k in UNIT_KINDS])
+            for kind, grad in zip(UNIT_KINDS, grads):
+                totals[kind] += grad.detach().abs()
+            batches += 1
+        model.train(was_training)
+        importance = {k: v / max(batches, 1) for k, v in totals.items()}
+        return {k: accelerator.reduce(v, reduction="mean") for k, v in importance.items()}
+
+    @staticmethod
+    def proxy_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """General-knowledge proxy (Sec. 3.1): KL between the output representations of two dropout passes
+        of the same input (the model must be in train mode, or the two passes are identical)."""
+        body = encoder(model)
+        first = pooled(body(input_ids=input_ids, attention_mask=attention_mask)[0], attention_mask)
+        second = pooled(body(input_ids=input_ids, attention_mask=attention_mask)[0], attention_mask)
+        return F.kl_div(F.log_softmax(first.float(), -1), F.softmax(second.float(), -1), reduction="batchmean")
+
+    def _record(self, name: str, raw: dict[str, torch.Tensor]) -> None:
+        normalised = normalise(raw)
+        if self.settings.random_importance:
+            generator = torch.Generator().manual_seed(self._seed * 104729 + len(self.history))
+            normalised = {k: torch.stack([row[torch.randperm(len(row), generator=generator)].to(row.device)
+                                          for row in v.cpu()]).to(v.device) for k, v in normalised.items()}
+        self.accumulated = accumulate(self.accumulated, normalised)
+        self.history.append((name, {k: v.cpu() for k, v in normalised.items()},
+                             {k: v.cpu() for k, v in self.accumulated.items()}))
+
+    # ---- contrastive knowledge integration (Sec. 3.3)
+    def _contrastive(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Two dropout views of the full network (positives) and the importance-gated network (previous
+        knowledge, extra negatives) of the same unmasked input, in one forward pass of 3 x batch rows."""
+        ids, mask = unmasked_ids(batch), batch["attention_mask"]
+        rows = len(ids)
+        full = {k: torch.ones(2 * rows, *v.shape, device=v.device) for k, v in self.accumulated.items()}
+        previous = {k: v.to(ids.device).expand(rows, *v.shape) for k, v in self.accumulated.items()}
+        gates = {k: torch.cat([full[k], previous[k]]) for k in full}
+        with self.units.gated(gates):
+            hidden = encoder(stage.model)(input_ids=ids.repeat(3, 1), attention_mask=mask.repeat(3, 1))[0]
+        views = pooled(hidden, mask.repeat(3, 1))
+        first, second, prior = views[:rows], views[rows: 2 * rows], views[2 * rows:]
+        accelerator = stage.accelerator
+        offset = 0
+        if accelerator.num_processes > 1:  # negatives from every process; the local rows keep their gradient
+            second = _gather_with_grad(accelerator, second)
+            prior = _gather_with_grad(accelerator, prior)
+            offset = accelerator.process_index * rows
+        return info_nce(first, second, prior, self.settings.temperature, offset)
+
+    # ---- results and checkpoints
+    def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
+        tensors = {}
+        for index, (name, normalised, accumulated) in enumerate(self.history):
+            for kind in UNIT_KINDS:
+                tensors[f"{index:02d}:{name}/normalised/{kind}"] = normalised[kind].contiguous()
+                tensors[f"{index:02d}:{name}/accumulated/{kind}"] = accumulated[kind].contiguous()
+        return {"importance": tensors}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "accumulated": self.accumulated}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = state["history"]
+        self.accumulated = state["accumulated"]
+
+
+def _gather_with_grad(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    gathered = list(accelerator.gather(tensor.detach()).chunk(accelerator.num_processes))
+    gathered[accelerator.process_index] = tensor
+    return torch.cat(gathered)
+

@@ -1,0 +1,205 @@
+"""Soft-masking (methods/softmask.py): gates, importance, normalisation, the optimizer-level mask, the
+contrastive pairing, and the importance artifact of a real run."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import run_cli
+from cpt_bench.data import MaskingCollator, mlm_blocks
+from cpt_bench.errors import BadInput
+from cpt_bench.models import mlm_loss
+from cpt_bench.plugin import SequenceState, method_class
+from cpt_bench.settings import DapSettings
+from cpt_bench.units import UnitMap, accumulate, normalise
+
+
+@pytest.fixture
+def tiny(tiny_model_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [f"the cats was {a} and {b} ." for a in ("purr", "nap", "soft", "calm") for b in ("hiss", "bite", "claw")]
+    blocks = mlm_blocks(texts * 4, tokenizer, 16, "tiny")
+    settings = DapSettings(batch_size=4, seq_len=16, mlm_probability=0.3)
+    stage = SimpleNamespace(stage_index=1, model=model, accelerator=Accelerator(cpu=True), tokenizer=tokenizer,
+                            blocks=blocks, settings=settings, stage=SimpleNamespace(name="cats"))
+    collate = MaskingCollator(tokenizer, 0.3, torch.Generator().manual_seed(1))
+    batch = collate([blocks[i] for i in range(4)])
+    return SimpleNamespace(model=model, tokenizer=tokenizer, stage=stage, batch=batch)
+
+
+def _softmask(model, **settings):
+    cls = method_class("softmask")
+    method = cls(cls.Settings(**settings))
+    method.on_sequence_start(SequenceState(model, None, None, ["cats"], 0))
+    return method
+
+
+def test_gates_at_one_leave_outputs_bit_identical(tiny):
+    model, batch = tiny.model.eval(), tiny.batch
+    units = UnitMap(model)
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with units.gated(units.ones()):
+        gated = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(reference, gated)
+    per_row = {k: v.expand(len(batch["input_ids"]), *v.shape) for k, v in units.ones().items()}
+    with units.gated(per_row):
+        assert torch.equal(reference, model(input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"]).logits)
+
+
+def test_zeroed_unit_has_zero_raw_importance(tiny):
+    method = _softmask(tiny.model)
+    layer = method.units.layers[0]
+    silence = torch.ones(tiny.model.config.intermediate_size)
+    silence[3] = 0.0
+    handle = layer.intermediate.register_forward_hook(lambda m, a, out: out * silence)
+    raw = method._importance(tiny.stage, general=False)
+    handle.remove()
+    assert raw["intermediate"][0, 3] == 0.0
+    assert raw["intermediate"][0].sum() > 0 and raw["head"].sum() > 0 and raw["output"].sum() > 0
+
+
+def test_general_proxy_needs_train_mode(tiny):
+    """The public code computed the proxy in eval mode, where two passes are identical and the KL is 0."""
+    proxy = method_class("softmask").proxy_loss
+    ids, mask = tiny.batch["input_ids"], tiny.batch["attention_mask"]
+    tiny.model.train()
+    in_train_mode = proxy(tiny.model, ids, mask)
+    tiny.model.eval()
+    in_eval_mode = proxy(tiny.model, ids, mask)
+    assert in_eval_mode < 1e-6  # identical passes (up to float error)
+    assert in_train_mode > 1e-4 and in_train_mode > 1000 * in_eval_mode
+
+
+def test_normalisation_is_per_layer_and_handles_a_constant_layer():
+    values = torch.tensor([[1.0, 2.0, 3.0, 10.0], [100.0, 200.0, 300.0, 1000.0], [5.0, 5.0, 5.0, 5.0]])
+    out = normalise({"head": values})["head"]
+    assert torch.allclose(out[0], out[1])  # a layer's scale does not matter: standardised per layer
+    assert torch.equal(out[2], torch.zeros(4))  # zero std: no unit stands out
+    assert ((out >= 0) & (out <= 1)).all()
+    assert out[0, 3] == out[0].max()
+
+
+def test_accumulation_is_elementwise_max():
+    a = {"head": torch.tensor([[0.1, 0.9], [0.5, 0.2]])}
+    b = {"head": torch.tensor([[0.4, 0.3], [0.5, 0.8]])}
+    assert torch.equal(accumulate(a, b)["head"], torch.tensor([[0.4, 0.9], [0.5, 0.8]]))
+    assert torch.equal(accumulate(None, a)["head"], a["head"])
+
+
+def _displacement(tiny, steps: int, method=None) -> torch.Tensor:
+    """Distance each intermediate neuron's row moves under AdamW in `steps` steps (same data every time)."""
+    model = copy.deepcopy(tiny.model).train()
+    torch.manual_seed(0)
+    stage = SimpleNamespace(**{**vars(tiny.stage), "model": model})
+    if method is not None:
+        method.on_sequence_start(SequenceState(model, None, None, ["cats"], 0))
+        importance = method.units.zeros()
+        importance["intermediate"][0, 0] = 1.0
+        importance["intermediate"][0, 1] = 0.9
+        method.accumulated = importance
+        method.before_domain(stage)
+    weight = method.units.layers[0].intermediate_dense.weight if method else \
+        UnitMap(model).layers[0].intermediate_dense.weight
+    start = weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    for _ in range(steps):
+        torch.manual_seed(1)  # same dropout masks with and without soft-masking
+        mlm_loss(model, tiny.batch).backward()
+        if method:
+            method.after_backward(stage)
+        optimizer.step()
+        if method:
+            method.after_optimizer_step(stage)
+        optimizer.zero_grad()
+    return (weight.detach() - start).norm(dim=1)
+
+
+def test_update_mask_controls_the_parameter_change_under_adamw(tiny):
+    plain = _displacement(tiny, 1)
+    masked = _displacement(tiny, 1, _softmask(tiny.model, contrastive=False))
+    assert masked[0] == 0.0  # importance 1: does not move
+    assert torch.isclose(masked[1], 0.1 * plain[1], rtol=1e-4)  # importance 0.9: a tenth of the move
+    assert torch.isclose(masked[2], plain[2], rtol=1e-4)  # importance 0: unchanged behaviour
+    several = _displacement(tiny, 5, _softmask(tiny.model, contrastive=False))
+    assert several[0] == 0.0
+    ratio = several[1] / _displacement(tiny, 5)[1]
+    assert 0.05 < ratio < 0.2
+
+
+def test_gradient_mask_is_cancelled_by_adam(tiny):
+    """The public code's variant: a constant gradient scale barely changes an Adam step (why it is not ours)."""
+    plain = _displacement(tiny, 1)
+    masked = _displacement(tiny, 1, _softmask(tiny.model, contrastive=False, target="gradient"))
+    assert 0 < masked[0] < 0.01 * plain[0]  # a zero gradient: only AdamW's weight decay moves it
+    assert masked[1] > 0.5 * plain[1]  # 0.9 importance, yet more than half the unmasked move
+
+
+def test_contrastive_positives_are_two_views_of_the_same_text(tiny, monkeypatch):
+    import cpt_bench.methods.softmask as softmask
+
+    captured = {}
+
+    def capture(anchor, positive, negatives, temperature, offset=0):
+        captured.update(anchor=anchor, positive=positive, negatives=negatives)
+        return anchor.sum() * 0
+
+    monkeypatch.setattr(softmask, "info_nce", capture)
+    method = _softmask(tiny.model)
+    method.accumulated = {k: torch.full_like(v, 0.5) for k, v in method.units.zeros().items()}
+    tiny.model.eval()  # no dropout: the two views of one text coincide exactly
+    method._contrastive(tiny.stage, tiny.batch)
+    anchor, positive = captured["anchor"], captured["positive"]
+    assert torch.allclose(anchor, positive)  # row i pairs with row i: the same text
+    assert not torch.allclose(anchor[0], positive[1])  # other rows are other texts
+    assert not torch.allclose(anchor, captured["negatives"])  # the gated network differs from the full one
+
+
+def test_info_nce_prefers_matching_rows():
+    from cpt_bench.methods.softmask import info_nce
+
+    x = torch.randn(6, 16)
+    assert info_nce(x, x, -x, 0.05) < info_nce(x, x.roll(1, 0), -x, 0.05)
+
+
+def test_model_without_unit_map_is_bad_input():
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    with pytest.raises(BadInput, match="no unit map"):
+        UnitMap(model)
+
+
+def test_softmask_run_saves_importances_that_round_trip(tiny_suite, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "runs"
+    result = run_cli("run", "--method", "softmask", "--suite", str(tiny_suite), "--output", str(out), "--quiet",
+                     "--set", "softmask.importance_batches=2")
+    assert result.exit_code == 0, result.output
+    result_file = next(p for p in out.glob("*.json"))
+    data = json.loads(result_file.read_text())
+    assert data["method_config"]["target"] == "update"
+    tensors = load_file(Path(out) / data["artifacts"]["importance"])
+    stages = sorted({name.split("/")[0] for name in tensors})
+    assert stages == ["00:general", "01:cats", "02:dogs"]
+    previous = None
+    for stage in stages:
+        normalised = tensors[f"{stage}/normalised/head"]
+        accumulated = tensors[f"{stage}/accumulated/head"]
+        assert ((normalised >= 0) & (normalised <= 1)).all()
+        expected = normalised if previous is None else torch.maximum(previous, normalised)
+        assert torch.equal(accumulated, expected)
+        previous = accumulated
