@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,24 @@ def cache_dir() -> Path:
     """Where derived artefacts (tokenised blocks, built models, base scores) are kept."""
     root = os.environ.get("CPT_BENCH_CACHE") or Path.home() / ".cache" / "cpt-bench"
     return Path(root)
+
+
+@contextlib.contextmanager
+def building(path: Path) -> Iterator[Path]:
+    """Build a cache folder under a temporary name, then move it into place whole: a reader never sees a
+    half-built entry, and of two processes building the same entry the first one's is kept."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- reading records
@@ -256,12 +276,8 @@ def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
     dataset = dataset.map(group, batched=True, batch_size=len(dataset), remove_columns=["ids"])
     if len(dataset) == 0:
         raise BadInput(f"corpus {corpus_id} is shorter than one block of {seq_len} tokens")
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    dataset.save_to_disk(str(tmp))
-    if path.exists():  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    with building(path) as tmp:
+        dataset.save_to_disk(str(tmp))
     return datasets.load_from_disk(str(path))
 
 

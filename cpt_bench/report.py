@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -57,15 +56,43 @@ def general_retention(result: dict[str, Any]) -> float | None:
 def rows(results: list[dict[str, Any]]) -> pd.DataFrame:
     records = []
     for r in results:
-        setup = json.dumps([r["model"], r.get("method_config"), r.get("settings")], sort_keys=True)
         record = {"suite": r["suite"], "method": r["method"], "order": ",".join(map(str, r["domains"])),
-                  "model": r["model"], "config": hashlib.sha256(setup.encode()).hexdigest()[:6],
-                  "seed": r["seed"]}
+                  "model": r["model"], "config": config_label(results, r), "seed": r["seed"]}
         for column, (block, key) in METRIC_COLUMNS.items():
             record[column] = r[block].get(key)
         record["general Δ"] = general_retention(r)
         records.append(record)
     return pd.DataFrame.from_records(records)
+
+
+def _flat_config(result: dict[str, Any]) -> dict[str, str]:
+    """Every setting of a run as `block.key` -> JSON value (the method's block is named after the method)."""
+    blocks = {result["method"]: result.get("method_config") or {}, **(result.get("settings") or {})}
+    flat = {}
+    for block, values in blocks.items():
+        if isinstance(values, dict):
+            flat.update({f"{block}.{k}": json.dumps(v, sort_keys=True) for k, v in values.items()})
+        else:
+            flat[block] = json.dumps(values, sort_keys=True)
+    return flat
+
+
+def config_label(results: list[dict[str, Any]], result: dict[str, Any]) -> str:
+    """The settings in which this run differs from the usual (most common) value among the runs of the
+    same (suite, method, order, model), e.g. `softmask.contrastive=false`; empty for the usual setup."""
+    same = [r for r in results if (r["suite"], r["method"], r["domains"], r["model"]) ==
+            (result["suite"], result["method"], result["domains"], result["model"])]
+    flats = [_flat_config(r) for r in same]
+    mine = _flat_config(result)
+    differences = []
+    for key in sorted(set().union(*flats)):
+        values = [f.get(key) for f in flats]
+        if len(set(values)) < 2:
+            continue
+        usual = max(sorted(set(values), key=str), key=values.count)  # the most common value: not shown
+        if mine.get(key) != usual:
+            differences.append(f"{key}={mine[key]}" if key in mine else f"{key} unset")
+    return ", ".join(differences).replace('"', "")
 
 
 def summarise(results: list[dict[str, Any]]) -> pd.DataFrame:

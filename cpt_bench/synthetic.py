@@ -29,9 +29,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import random
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -180,7 +178,7 @@ def parse_params(generator) -> SyntheticParams:
 
 def materialise(generator) -> Path:
     """Write the generated files once into the cache (keyed by generator, seed and params) and return it."""
-    from cpt_bench.data import cache_dir
+    from cpt_bench.data import building, cache_dir
 
     if generator.name != "synthetic":
         raise BadInput(f"unknown data generator {generator.name!r} (known: synthetic)")
@@ -190,19 +188,14 @@ def materialise(generator) -> Path:
     path = cache_dir() / "synthetic" / f"v{GENERATOR_VERSION}-{key}"
     if (path / "COMPLETE").exists():
         return path
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for relative, rows in generate(generator.seed, params).items():
-        target = tmp / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(rows, indent=1) + "\n" if relative.endswith(".json") else \
-            "".join(json.dumps(r) + "\n" for r in rows)
-        target.write_text(text, encoding="utf-8")
-    (tmp / "COMPLETE").write_text("ok\n")
-    if path.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    with building(path) as tmp:
+        for relative, rows in generate(generator.seed, params).items():
+            target = tmp / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(rows, indent=1) + "\n" if relative.endswith(".json") else \
+                "".join(json.dumps(r) + "\n" for r in rows)
+            target.write_text(text, encoding="utf-8")
+        (tmp / "COMPLETE").write_text("ok\n")
     return path
 
 
@@ -252,7 +245,7 @@ def build_base_model(suite_name: str = "synthetic", recipe: BaseModelRecipe | No
     from accelerate.utils import set_seed
     from transformers import BertConfig, BertForMaskedLM
 
-    from cpt_bench.data import cache_dir, mlm_blocks, read_corpus
+    from cpt_bench.data import building, cache_dir, mlm_blocks, read_corpus
     from cpt_bench.plugin import Method, Stage
     from cpt_bench.settings import DapSettings
     from cpt_bench.suite import load_suite
@@ -282,16 +275,11 @@ def build_base_model(suite_name: str = "synthetic", recipe: BaseModelRecipe | No
     print(f"building the base model of suite {suite_name!r}: {recipe.pretrain_steps} MLM steps on its general "
           f"language (once; cached in {path.parent})", file=sys.stderr, flush=True)
     trainer.train_stage(model.to(accelerator.device), blocks, Stage("general", ["general"]), 0)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.cpu().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
-    (tmp / "COMPLETE").write_text("ok\n")
-    if path.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    with building(path) as tmp:
+        model.cpu().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+        (tmp / "COMPLETE").write_text("ok\n")
     return path
 
 

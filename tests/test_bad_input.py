@@ -8,20 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 
 def _expect_bad_input(tmp_path: Path, args: list[str], *fragments: str) -> str:
     out = tmp_path / "runs"
     result = run_cli(*args, "--output", str(out), "--quiet") if args[0] == "run" else run_cli(*args)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    line = assert_one_line_error(result, *fragments)
     assert not out.exists() or not list(out.glob("*.json")), "a result file was written"
-    return lines[0]
+    return line
 
 
 def _edit_suite(path: Path, edit) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 
 from cpt_bench.results import SCHEMA
@@ -106,13 +106,7 @@ def test_output_option_and_functions(tmp_path):
 
 
 def _expect_bad_input(args: list[str], *fragments: str) -> None:
-    result = run_cli("importance", *args)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    assert_one_line_error(run_cli("importance", *args), *fragments)
 
 
 def test_missing_result(tmp_path):
