@@ -142,7 +142,8 @@ class DapTrainer:
             losses.append(step_loss)
             elapsed = time.perf_counter() - started
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
+                                 refresh=False)  # redraw on tqdm's interval, not every step
         progress.close()
         seconds = time.perf_counter() - started
         self.method.after_domain(state)
