@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import datetime
 import hashlib
 import json
@@ -58,6 +59,7 @@ class RunPlan:
     data: LoadedData | None = None  # every corpus and end task, read and validated
     original_model: Any = None  # the LM as loaded (each seed trains a copy)
     tokenizer: Any = None
+    model_fingerprint: str = ""
 
 
 def plan_run(request: RunRequest) -> RunPlan:
@@ -103,6 +105,7 @@ def plan_run(request: RunRequest) -> RunPlan:
                    resolve_data_dir(suite, request.data_dir), request.model or suite.model)
     plan.data = LoadedData(plan)  # data problems surface before the (possibly slow) model load
     plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name)
+    plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
     for task in plan.data.tasks + plan.data.probes:
         check_end_task(plan.tokenizer, plan.finetune, task)
@@ -146,7 +149,9 @@ class LoadedData:
             self._blocks[corpus] = mlm_blocks(texts, self.tokenizer, seq_len, where)
         return self._blocks[corpus]
 
+    @functools.cached_property
     def fingerprint(self) -> str:
+        """A hash of every end task's data (computed once per plan)."""
         parts = [(t.name, t.label_names, t.train.texts, t.train.text_pairs, t.train.labels, t.test.texts,
                   t.test.text_pairs, t.test.labels, t.dev and (t.dev.texts, t.dev.labels), t.average,
                   t.finetune_overrides)
@@ -185,7 +190,7 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
         "method": method.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
         "suite_fingerprint": plan.suite.fingerprint(), "domains": plan.domains, "seed": seed,
         "model": plan.model_name, "dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
-        "eval": request.eval, "limit": request.limit, "data": data.fingerprint(),
+        "eval": request.eval, "limit": request.limit, "data": data.fingerprint,
     }
     path = result_path(plan, seed, config)
 
@@ -273,7 +278,7 @@ def finetune_seed(run_seed: int, task_name: str) -> int:
 def cached_base_scores(plan: RunPlan, data: LoadedData, model, evaluator: EndTaskEvaluator,
                        seed: int) -> dict[str, Any]:
     """End-task and probe scores of the original model, cached per (suite data, model, seed, settings)."""
-    key_parts = {"data": data.fingerprint(), "model": model_fingerprint(model), "seed": seed,
+    key_parts = {"data": data.fingerprint, "model": plan.model_fingerprint, "seed": seed,
                  "finetune": as_dict(plan.finetune), "max_length": plan.finetune.max_length,
                  "device": evaluator.accelerator.device.type}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
