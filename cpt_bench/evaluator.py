@@ -140,7 +140,10 @@ class EndTaskEvaluator:
         steps_per_epoch = -(-n // s.batch_size)
         total = steps_per_epoch * s.epochs
         named = {id(p): name for name, p in model.named_parameters()}
-        optimizer = adamw(list(model.parameters()), named, s.lr, s.weight_decay)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if not trained:
+            raise ValueError(f"end task {task.name}: the LM given for fine-tuning has no trainable parameter")
+        optimizer = adamw(trained, named, s.lr, s.weight_decay)
         scheduler = linear_schedule(optimizer, int(s.warmup * total), total)
         generator = torch.Generator().manual_seed(seed)
         best_state, best_dev = None, -1.0
@@ -157,7 +160,7 @@ class EndTaskEvaluator:
                 loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
                 loss.backward()
                 if s.max_grad_norm > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                    nn.utils.clip_grad_norm_(trained, s.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

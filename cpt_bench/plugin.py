@@ -71,6 +71,9 @@ class Method:
     def on_sequence_start(self, run: SequenceState) -> None:
         """Once, before the first stage (e.g. snapshot the original weights, general importance)."""
 
+    def prepare_stage(self, model: nn.Module, stage: Stage, stage_index: int) -> None:
+        """Before the stage's optimizer is built: add, select or freeze modules (a new adapter or expert)."""
+
     def before_domain(self, stage: StageState) -> None:
         """Before a stage's first step (the optimizer already exists)."""
 
@@ -92,8 +95,20 @@ class Method:
         """After a stage's last step (e.g. importance or Fisher of the domain just learned)."""
 
     def end_task_lm(self, model: nn.Module, column: int) -> nn.Module:
-        """The LM whose encoder is fine-tuned for end task `column` (a copy is taken; default: the LM)."""
+        """The LM fine-tuned for end task `column` (default: the LM). The evaluator works on a copy and trains
+        the copy's parameters that have `requires_grad` (plus the fresh head of a head evaluator), so a method
+        that fine-tunes only its own modules (an adapter) returns an LM with everything else frozen."""
         return model
+
+    def probe_lm(self, model: nn.Module) -> nn.Module:
+        """The LM whose general knowledge the suite's probes measure after a stage (default: the LM)."""
+        return model
+
+    def overhead(self, model: nn.Module) -> dict[str, int]:
+        """Memory a method keeps beyond the plain LM and its AdamW state, in counts of numbers (elements):
+        `extra_parameters` (added modules), `extra_optimizer_state` (beyond AdamW's two moments of the trained
+        parameters), `buffers` (snapshots, Fisher, replay data, importances). Recorded in the result file."""
+        return {"extra_parameters": 0, "extra_optimizer_state": 0, "buffers": 0}
 
     # ---- results and checkpoints
     def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:

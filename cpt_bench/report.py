@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from pathlib import Path
@@ -53,6 +54,19 @@ def general_retention(result: dict[str, Any]) -> float | None:
     return probe["stages"][-1] - probe["base"]
 
 
+def wall_seconds(result: dict[str, Any]) -> float | None:
+    """Wall time of the run (training, fine-tuning, evaluation), from the result file."""
+    if "wall_seconds" in result:
+        return result["wall_seconds"]
+    provenance = result.get("provenance", {})
+    try:
+        started = datetime.datetime.fromisoformat(provenance["started"])
+        finished = datetime.datetime.fromisoformat(provenance["finished"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (finished - started).total_seconds()
+
+
 def rows(results: list[dict[str, Any]]) -> pd.DataFrame:
     records = []
     for r in results:
@@ -61,6 +75,9 @@ def rows(results: list[dict[str, Any]]) -> pd.DataFrame:
         for column, (block, key) in METRIC_COLUMNS.items():
             record[column] = r[block].get(key)
         record["general Δ"] = general_retention(r)
+        record["wall s"] = wall_seconds(r)
+        overhead = r.get("overhead")
+        record["overhead M"] = sum(overhead.values()) / 1e6 if overhead else None
         records.append(record)
     return pd.DataFrame.from_records(records)
 
@@ -125,10 +142,13 @@ def _std(values: list[float]) -> float | None:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def format_cell(mean: float | None, std: float | None) -> str:
+def format_cell(mean: float | None, std: float | None, digits: int = 3) -> str:
     if mean is None:
         return "—"
-    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+DIGITS = {"wall s": 0, "overhead M": 2}  # seconds and millions of numbers need no more
 
 
 def render(summary: pd.DataFrame, fmt: str) -> str:
@@ -146,7 +166,8 @@ def render(summary: pd.DataFrame, fmt: str) -> str:
         identity.insert(3, "config")  # same method run with different settings: tell the rows apart
     table = summary[identity].copy()
     for name in metric_names:
-        table[name] = [format_cell(m if not _isnan(m) else None, s if not _isnan(s) else None)
+        table[name] = [format_cell(m if not _isnan(m) else None, s if not _isnan(s) else None,
+                                   DIGITS.get(name, 3))
                        for m, s in zip(summary[f"{name} mean"], summary[f"{name} std"])]
     return table.to_markdown(index=False, disable_numparse=True)  # keep "0.500": cells are text
 

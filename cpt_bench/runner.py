@@ -228,7 +228,7 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
         matrices["macro_f1"].append(row_f1)
         matrices["accuracy"].append(row_acc)
         for probe in data.probes:
-            scores = evaluator.evaluate(model, probe, finetune_seed(seed, probe.name))
+            scores = evaluator.evaluate(method.probe_lm(model), probe, finetune_seed(seed, probe.name))
             probes[probe.name]["stages"].append(scores["macro_f1"])
 
     base = {"macro_f1": [base_scores["tasks"][t.name]["macro_f1"] for t in data.tasks],
@@ -252,6 +252,8 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
         "metrics": metrics,
         "probes": probes,
         "stages": stage_records,
+        "wall_seconds": round((finished - started).total_seconds(), 3),
+        "overhead": method.overhead(model),
         "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune), "eval": request.eval,
                      "limit": request.limit, "evaluator": "fine-tune classification head (first token)"},
         "provenance": {

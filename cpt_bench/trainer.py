@@ -101,6 +101,7 @@ class DapTrainer:
         loader = DataLoader(blocks.with_format("torch"), batch_size=s.batch_size, shuffle=True,
                             drop_last=len(blocks) >= s.batch_size, generator=generator,
                             collate_fn=MaskingCollator(self.tokenizer, s.mlm_probability, generator))
+        self.method.prepare_stage(model, stage, stage_index)
         named = {id(p): n for n, p in model.named_parameters()}
         parameters = self.method.trainable_parameters(model)
         optimizer = adamw(parameters, named, s.lr, s.weight_decay)

@@ -205,6 +205,14 @@ class SoftMask(Method):
             offset = accelerator.process_index * rows
         return info_nce(first, second, prior, self.settings.temperature, offset)
 
+    def overhead(self, model) -> dict[str, int]:
+        importances = sum(t.numel() for _, normalised, accumulated in self.history
+                          for t in (*normalised.values(), *accumulated.values()))
+        # update masking keeps a per-parameter scale and a copy of each masked parameter around the step
+        masking = 2 * sum(parameter.numel() for parameter, _ in self._scales) if self.settings.target == "update" \
+            else sum(parameter.numel() for parameter, _ in self._scales)
+        return {"extra_parameters": 0, "extra_optimizer_state": 0, "buffers": importances + masking}
+
     # ---- results and checkpoints
     def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
         tensors = {}
