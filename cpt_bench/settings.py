@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -10,6 +11,8 @@ from typing import Any, Literal
 import yaml
 
 from cpt_bench.errors import BadInput
+
+FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclasses.dataclass
@@ -113,6 +116,8 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string; users write it that way
     elif annotation is str:
         if isinstance(value, str):
             return value

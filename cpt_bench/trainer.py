@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cpt_bench.data import MaskingCollator
+from cpt_bench.errors import BadInput
 from cpt_bench.models import mlm_loss
 from cpt_bench.plugin import Method, Stage
 from cpt_bench.settings import DapSettings
@@ -63,6 +64,13 @@ def progress_interval() -> float:
     return 0.1 if sys.stderr.isatty() else 30.0
 
 
+def per_process_batch_size(batch_size: int, num_processes: int) -> int:
+    if batch_size % num_processes:
+        raise BadInput(f"dap.batch_size {batch_size} is the global batch and must be divisible by the "
+                       f"{num_processes} processes")
+    return batch_size // num_processes
+
+
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -98,7 +106,9 @@ class DapTrainer:
         accelerator = self.accelerator
         total_steps = s.steps * stage.steps_scale
         generator = torch.Generator().manual_seed(self.seed * 1000 + stage_index)
-        loader = DataLoader(blocks.with_format("torch"), batch_size=s.batch_size, shuffle=True,
+        # the suite's batch size is the global batch: n processes take batch_size / n rows each per step
+        batch_size = per_process_batch_size(s.batch_size, accelerator.num_processes)
+        loader = DataLoader(blocks.with_format("torch"), batch_size=batch_size, shuffle=True,
                             drop_last=len(blocks) >= s.batch_size, generator=generator,
                             collate_fn=MaskingCollator(self.tokenizer, s.mlm_probability, generator))
         self.method.prepare_stage(model, stage, stage_index)

@@ -148,9 +148,13 @@ class SoftMask(Method):
         # the proxy needs dropout on (two passes of one input must differ); the MLM loss is read without noise
         model.train(general)
         batches = 0
-        for batch in loader:
-            if batches == self.settings.importance_batches:
+        # every process draws the same sequence of batches and takes its share (batch i goes to process
+        # i mod n), so n processes together average over the same importance_batches batches as one
+        for index, batch in enumerate(loader):
+            if index == self.settings.importance_batches:
                 break
+            if index % accelerator.num_processes != accelerator.process_index:
+                continue
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.units.gated(gates), accelerator.autocast():
                 if general:
@@ -162,8 +166,8 @@ class SoftMask(Method):
                 totals[kind] += grad.detach().abs()
             batches += 1
         model.train(was_training)
-        importance = {k: v / max(batches, 1) for k, v in totals.items()}
-        return {k: accelerator.reduce(v, reduction="mean") for k, v in importance.items()}
+        batches = accelerator.reduce(torch.tensor(float(batches), device=device), reduction="sum")
+        return {k: accelerator.reduce(v, reduction="sum") / batches.clamp_min(1.0) for k, v in totals.items()}
 
     @staticmethod
     def proxy_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

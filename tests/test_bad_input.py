@@ -86,10 +86,19 @@ def test_domain_listed_twice(tiny_suite, tmp_path):
 
 
 @pytest.mark.parametrize("option, fragment", [("dap.nosuch=1", "unknown key"), ("dap.steps=abc", "expected int"),
+                                              ("dap.lr=fast", "expected float"), ("dap.lr=1e-4x", "expected float"),
                                               ("other.lr=1", "unknown settings block"), ("nodot=1", "BLOCK.KEY")])
 def test_bad_set_option(tiny_suite, tmp_path, option, fragment):
     _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite), "--set", option],
                       fragment)
+
+
+def test_float_settings_accept_exponent_notation():
+    """YAML 1.1 reads `1e-4` as a string; a float setting takes it as the number users mean."""
+    from cpt_bench.settings import DapSettings, build, override
+
+    assert override(DapSettings(), "lr", "1e-4", "dap").lr == 1e-4
+    assert build(DapSettings, {"lr": "3E-5", "warmup": ".1"}, "suite dap").lr == 3e-5
 
 
 def test_missing_data_dir(tiny_suite, tmp_path):
