@@ -55,7 +55,8 @@ def list_command(what: Annotated[str, typer.Argument(help="methods or suites")])
 def run(
     method: Annotated[str, typer.Option(help="registered method (cpt-bench list methods)")],
     suite: Annotated[Optional[str], typer.Option(help="registered suite name or suite YAML path")] = None,
-    order: Annotated[Optional[str], typer.Option(help="domain order, comma-separated names")] = None,
+    order: Annotated[Optional[str], typer.Option(help="domain order: comma-separated names, or NAME:K for row K "
+                                                      "of a suite's named orders (das6: paper:0..4)")] = None,
     seed: Annotated[Optional[list[int]], typer.Option(help="run seed (repeatable: one run per seed)")] = None,
     model: Annotated[Optional[str], typer.Option(help="HF id, local dir or alias")] = None,
     data_dir: Annotated[Optional[str], typer.Option(help="root folder of the suite's data files")] = None,
@@ -107,19 +108,78 @@ def _print_summary(result: dict, path: Path) -> None:
 @exits_2_on_bad_input
 def report(
     paths: Annotated[Optional[list[str]], typer.Argument(help="result files or folders")] = None,
-    format: Annotated[str, typer.Option("--format", help="markdown, csv or json")] = "markdown",
+    format: Annotated[str, typer.Option("--format", help="markdown, latex, csv, json or html")] = "markdown",
     output: Annotated[Optional[str], typer.Option(help="write the table to this file")] = None,
+    by_order: Annotated[bool, typer.Option("--by-order", help="one row per domain order (default: "
+                                                               "average over orders, as paper tables do)")] = False,
+    plots: Annotated[Optional[str], typer.Option(help="also write PNG plots into this folder")] = None,
 ) -> None:
-    """Aggregate result files: mean ± std over seeds per (suite, method, order)."""
+    """Aggregate result files: one row per method and configuration, mean ± std over seeds and orders."""
     from cpt_bench.report import report as make_report
     from cpt_bench.results import write_text_atomic
 
-    text = make_report(paths or ["results/runs"], format)
+    text = make_report(paths or ["results/runs"], format, by_order=by_order, plots_dir=plots)
     if output:
         write_text_atomic(Path(output), text + "\n")
         typer.echo(f"wrote {output}")
     else:
         typer.echo(text)
+    if plots:
+        typer.echo(f"plots in {plots}")
+
+
+@app.command()
+@exits_2_on_bad_input
+def check(
+    paths: Annotated[list[str], typer.Argument(help="result files or folders to check")],
+    reference: Annotated[str, typer.Option(help="folder of reference result files and tolerances.yaml")] =
+    "results/reference",
+) -> None:
+    """Regression gate: exit 1 naming every (method, metric) worse than the reference beyond its tolerance."""
+    from cpt_bench.check import check as run_check
+
+    findings, notes = run_check(paths, reference)
+    for note in notes:
+        typer.echo(note)
+    for finding in findings:
+        typer.echo(finding.line())
+    regressions = [f for f in findings if f.regressed]
+    if regressions:
+        named = ", ".join(f"{f.method}/{f.metric}" for f in regressions)
+        typer.echo(f"{len(regressions)} regression(s): {named}")
+        raise typer.Exit(1)
+    typer.echo(f"no regression ({len(findings)} checks)")
+
+
+@app.command()
+@exits_2_on_bad_input
+def bench(
+    suite: Annotated[Optional[str], typer.Option(help="suite whose first domain's blocks are used")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model (default: the suite's)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="rows per step (default: the suite's)")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="tokens per row (default: the suite's)")] = None,
+    steps: Annotated[int, typer.Option(help="timed steps per measurement (after 3 warm-up steps)")] = 20,
+    repeats: Annotated[int, typer.Option(help="alternating repeats of each kind")] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    json_file: Annotated[Optional[str], typer.Option("--json", help="write the numbers to this JSON file")] = None,
+) -> None:
+    """Side-by-side step speed: transformers.Trainer vs our naive step vs softmask; peak memory; importance."""
+    from cpt_bench.bench import BenchRequest, run_bench, table
+    from cpt_bench.results import write_json_atomic
+    from cpt_bench.suite import DEFAULT_SUITE
+
+    if steps < 2 or repeats < 1:
+        raise BadInput("--steps must be at least 2 and --repeats at least 1")
+    request = BenchRequest(suite=suite or DEFAULT_SUITE, model=model, batch_size=batch_size, seq_len=seq_len,
+                           steps=steps, repeats=repeats, device=device)
+    from cpt_bench.bench import plan_for
+
+    plan_for(request, "naive")  # bad input (suite, model, sizes) fails here, in one line, before any process
+    result = run_bench(request, echo=typer.echo)
+    typer.echo(table(result))
+    if json_file:
+        write_json_atomic(Path(json_file), result)
+        typer.echo(f"wrote {json_file}")
 
 
 @app.command()

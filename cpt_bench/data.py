@@ -57,6 +57,8 @@ def resolve_path(source: str, data_dir: Path | None) -> Path:
 def read_file_records(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl (one object a line), .txt (one text a line, field `text`) or .csv (header) file."""
     if not path.is_file():
+        if not path.parent.is_dir():  # name the folder: a whole domain is usually what is missing
+            raise BadInput(f"missing data folder: {path.parent} (needed for {path.name})")
         raise BadInput(f"missing data file: {path}")
     try:
         text = path.read_text(encoding="utf-8")
@@ -195,12 +197,15 @@ def read_verbalizer(task: EndTask, data_dir: Path | None, name: str) -> dict[str
 
 def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | None) -> EndTaskData:
     prompt = task.prompt if task.evaluator == "prompt" else None
+    dev = task.dev
+    if task.dev_optional and isinstance(dev, str) and not resolve_path(dev, data_dir).exists():
+        dev = None  # e.g. SemEval-14 restaurant ships no dev split: no model selection for it
     return EndTaskData(
         name=name,
         label_names=list(task.labels),
         train=read_end_task_split(task.train, task, data_dir, limit, f"{name} train"),
         test=read_end_task_split(task.test, task, data_dir, limit, f"{name} test"),
-        dev=read_end_task_split(task.dev, task, data_dir, limit, f"{name} dev") if task.dev else None,
+        dev=read_end_task_split(dev, task, data_dir, limit, f"{name} dev") if dev else None,
         average=task.average,
         finetune_overrides=dict(task.finetune),
         evaluator=task.evaluator,

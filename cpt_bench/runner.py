@@ -17,6 +17,7 @@ from cpt_bench.data import cache_dir, mlm_blocks, read_corpus, read_end_task
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import EndTaskEvaluator, check_end_task, derive_seed
 from cpt_bench.models import load_masked_lm
+from cpt_bench.perplexity import masked_lm_perplexity
 from cpt_bench.plugin import Method, SequenceState, method_class
 from cpt_bench.results import SCHEMA, command_line, git_commit, metrics_block, versions, write_json_atomic
 from cpt_bench.settings import as_dict, override, parse_set_options
@@ -76,14 +77,7 @@ def plan_run(request: RunRequest) -> RunPlan:
         raise BadInput(f"--limit must be positive, got {request.limit}")
     if not request.seeds:
         raise BadInput("no --seed given")
-    domains = suite.domain_names if request.order is None else request.order
-    for name in domains:
-        suite.domain(name)
-    repeated = sorted({d for d in domains if domains.count(d) > 1})
-    if repeated:
-        raise BadInput(f"--order names domain {repeated[0]!r} twice")
-    if not domains:
-        raise BadInput("--order is empty")
+    domains = suite.resolve_order(request.order)  # names, or row K of a named order ("paper:K")
 
     dap, finetune = suite.dap, suite.finetune
     if request.steps is not None:
@@ -109,6 +103,8 @@ def plan_run(request: RunRequest) -> RunPlan:
     plan.data.tokenizer = plan.tokenizer
     for task in plan.data.tasks + plan.data.probes:
         check_end_task(plan.tokenizer, plan.finetune, task)
+    for corpus in plan.data.heldout:  # tokenised now: a held-out text too short for one block fails early
+        plan.data.heldout_blocks(corpus, dap.seq_len, suite.perplexity.blocks)
     return plan
 
 
@@ -124,6 +120,9 @@ def resolve_data_dir(suite: Suite, data_dir: str | None) -> Path | None:
         from cpt_bench.synthetic import materialise
 
         return materialise(suite.generator)
+    if suite.needs_data_dir():
+        raise BadInput(f"suite {suite.name!r} reads its data from disk: give --data-dir DIR "
+                       "(one folder per domain, see the README)")
     return None
 
 
@@ -134,12 +133,21 @@ class LoadedData:
         suite, limit = plan.suite, plan.request.limit
         self.corpora: dict[str, Any] = {}
         self.tasks = []
+        self.heldout: dict[str, tuple[list[str], str]] = {}  # corpus name -> held-out texts for perplexity
+        cut = suite.perplexity.heldout_texts if suite.perplexity.blocks else 0
         for name in plan.domains:
             domain = suite.domain(name)
             texts, where = read_corpus(domain.corpus, domain.corpus_field, plan.data_dir, limit)
+            if domain.heldout is not None:
+                self.heldout[name] = read_corpus(domain.heldout, domain.corpus_field, plan.data_dir, limit)
+            elif cut and len(texts) >= 4 * cut:  # hold out the corpus's last texts (never trained on)
+                texts, self.heldout[name] = texts[:-cut], (texts[-cut:], f"{where} (last {cut} texts)")
             self.corpora[name] = (texts, where)
             self.tasks.append(read_end_task(name, domain.end_task, plan.data_dir, limit))
         self.probes = [read_end_task(p.name, p.end_task, plan.data_dir, limit) for p in suite.probes]
+        if suite.perplexity.blocks:
+            for name, source in suite.heldout_corpora.items():
+                self.heldout[name] = read_corpus(source, "text", plan.data_dir, limit)
         self.tokenizer = None  # set once the model is loaded
         self._blocks: dict[str, Any] = {}
 
@@ -148,6 +156,15 @@ class LoadedData:
             texts, where = self.corpora[corpus]
             self._blocks[corpus] = mlm_blocks(texts, self.tokenizer, seq_len, where)
         return self._blocks[corpus]
+
+    def heldout_blocks(self, corpus: str, seq_len: int, count: int):
+        """The first `count` blocks of a corpus's held-out text."""
+        key = f"heldout:{corpus}"
+        if key not in self._blocks:
+            texts, where = self.heldout[corpus]
+            blocks = mlm_blocks(texts, self.tokenizer, seq_len, where)
+            self._blocks[key] = blocks.select(range(min(count, len(blocks))))
+        return self._blocks[key]
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -203,8 +220,15 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
     matrices: dict[str, list[list[float | None]]] = {"macro_f1": [], "accuracy": []}
     probes = {p.name: {"base": base_scores["probes"][p.name]["macro_f1"], "stages": []} for p in data.probes}
     stage_records = []
+    perplexity_corpora = [c for c in plan.domains if c in data.heldout] + \
+        [c for c in data.heldout if c not in plan.domains]
+    perplexity = {"corpora": perplexity_corpora, "blocks": plan.suite.perplexity.blocks,
+                  "base": [heldout_perplexity(plan, data, model, c, accelerator) for c in perplexity_corpora],
+                  "stages": []}
     trainer = DapTrainer(accelerator, tokenizer, plan.dap, method, seed, request.show_progress)
     method.on_sequence_start(SequenceState(model, tokenizer, accelerator, plan.domains, seed))
+    for column, task in enumerate(data.tasks):
+        method.observe_end_task(column, task.train.texts)
     learned: set[int] = set()
     for index, stage in enumerate(stages):
         unknown = [c for c in stage.corpora if c not in plan.domains]
@@ -230,6 +254,11 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
         for probe in data.probes:
             scores = evaluator.evaluate(method.probe_lm(model), probe, finetune_seed(seed, probe.name))
             probes[probe.name]["stages"].append(scores["macro_f1"])
+        # a learned domain is scored with the LM the method fine-tunes for it, anything else with its general LM
+        perplexity["stages"].append([
+            heldout_perplexity(plan, data, method.end_task_lm(model, plan.domains.index(c)) if c in plan.domains
+                               and plan.domains.index(c) in learned else method.probe_lm(model), c, accelerator)
+            for c in perplexity_corpora])
 
     base = {"macro_f1": [base_scores["tasks"][t.name]["macro_f1"] for t in data.tasks],
             "accuracy": [base_scores["tasks"][t.name]["accuracy"] for t in data.tasks]}
@@ -251,9 +280,11 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
         "base": base,
         "metrics": metrics,
         "probes": probes,
+        "perplexity": perplexity,
         "stages": stage_records,
         "wall_seconds": round((finished - started).total_seconds(), 3),
         "overhead": method.overhead(model),
+        "method_summary": method.summary(),
         "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune), "eval": request.eval,
                      "limit": request.limit, "evaluator": "fine-tune classification head (first token)"},
         "provenance": {
@@ -263,6 +294,12 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
         },
     }
     return path, result, method.artifacts()
+
+
+def heldout_perplexity(plan: RunPlan, data: LoadedData, lm: torch.nn.Module, corpus: str, accelerator) -> float:
+    blocks = data.heldout_blocks(corpus, plan.dap.seq_len, plan.suite.perplexity.blocks)
+    return round(masked_lm_perplexity(lm, blocks, plan.tokenizer, accelerator, plan.dap.batch_size,
+                                      plan.dap.mlm_probability), 5)
 
 
 def _stage_blocks(data: LoadedData, corpora: list[str], seq_len: int):

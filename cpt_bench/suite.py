@@ -48,6 +48,7 @@ class EndTask:
     test: Source
     labels: list[str]
     dev: Source | None = None
+    dev_optional: bool = False  # a dev file that does not exist means "no dev split" instead of an error
     text_field: str = "text"
     text_pair_field: str | None = None
     label_field: str = "label"
@@ -74,6 +75,20 @@ class Domain:
     corpus: Source
     end_task: EndTask
     corpus_field: str = "text"
+    heldout: Source | None = None  # held-out text for the perplexity matrix; none: cut from the corpus
+
+
+@dataclasses.dataclass
+class PerplexitySettings:
+    """The MLM perplexity matrix: after every stage, perplexity on held-out text of every domain (and of the
+    suite's extra held-out corpora): a forgetting signal that needs no fine-tuning."""
+
+    blocks: int = 32  # held-out blocks scored per corpus; 0 turns the matrix off
+    heldout_texts: int = 200  # texts cut from the end of a corpus that has no `heldout` source (not trained on)
+
+    def check(self, where: str) -> None:
+        if self.blocks < 0 or self.heldout_texts < 0:
+            raise BadInput(f"{where}: blocks and heldout_texts must be non-negative")
 
 
 @dataclasses.dataclass
@@ -102,8 +117,12 @@ class Suite:
     data_dir: str | None = None  # relative to the YAML file
     generator: Generator | None = None
     probes: list[Probe] = dataclasses.field(default_factory=list)
+    heldout_corpora: dict[str, Source] = dataclasses.field(default_factory=dict)  # e.g. {general: file}
+    perplexity: PerplexitySettings = dataclasses.field(default_factory=PerplexitySettings)
     dap: DapSettings = dataclasses.field(default_factory=DapSettings)
     finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
+    # named lists of domain orders, chosen with `--order NAME:K` (row K), e.g. the paper's published orders
+    orders: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)
     source_file: str = ""  # set on load, not in YAML
 
     def check(self, where: str) -> None:
@@ -113,8 +132,38 @@ class Suite:
         for name in names:
             if names.count(name) > 1:
                 raise BadInput(f"{where}: name {name!r} is used twice (domains and probes need unique names)")
-            if not name or "," in name or "/" in name:
+            if not name or any(c in name for c in ",/:"):
                 raise BadInput(f"{where}: invalid domain/probe name {name!r}")
+        for key, rows in self.orders.items():
+            if not isinstance(rows, list) or not rows or not all(isinstance(row, list) for row in rows):
+                raise BadInput(f"{where}.orders.{key}: expected a non-empty list of domain lists")
+            for index, row in enumerate(rows):
+                _check_order(self, row, f"{where}.orders.{key}[{index}]")
+
+    def resolve_order(self, order: list[str] | None) -> list[str]:
+        """The domains to train, in order: the suite's own, the given names, or row K of a named order
+        (`["paper:0"]`)."""
+        if order is None:
+            return self.domain_names
+        if len(order) == 1 and ":" in order[0]:
+            key, _, row = order[0].partition(":")
+            if key not in self.orders:
+                known = ", ".join(f"{k}:0..{len(v) - 1}" for k, v in self.orders.items()) or "none"
+                raise BadInput(f"--order {order[0]}: suite {self.name!r} has no named order {key!r} "
+                               f"(named orders: {known})")
+            rows = self.orders[key]
+            if not (row.isascii() and row.isdigit()) or int(row) >= len(rows):
+                raise BadInput(f"--order {order[0]}: expected {key}:K with K in 0..{len(rows) - 1}")
+            return list(rows[int(row)])
+        _check_order(self, order, "--order")
+        return list(order)
+
+    def needs_data_dir(self) -> bool:
+        """Whether a data file is given relative to a data dir (so a run needs `--data-dir` or `data_dir`)."""
+        tasks = [d.end_task for d in self.domains] + [p.end_task for p in self.probes]
+        sources = [d.corpus for d in self.domains] + [d.heldout for d in self.domains] + \
+            list(self.heldout_corpora.values()) + [s for t in tasks for s in (t.train, t.test, t.dev)]
+        return any(isinstance(s, str) and not Path(s).expanduser().is_absolute() for s in sources)
 
     @property
     def domain_names(self) -> list[str]:
@@ -131,6 +180,18 @@ class Suite:
         data = dataclasses.asdict(self)
         data.pop("source_file")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_order(suite: Suite, order: list[str], where: str) -> None:
+    if not order:
+        raise BadInput(f"{where}: the order is empty")
+    for name in order:
+        if not isinstance(name, str) or name not in suite.domain_names:
+            raise BadInput(f"{where}: suite {suite.name!r} has no domain {name!r} "
+                           f"(domains: {', '.join(suite.domain_names)})")
+    repeated = sorted({d for d in order if order.count(d) > 1})
+    if repeated:
+        raise BadInput(f"{where}: names domain {repeated[0]!r} twice")
 
 
 DEFAULT_SUITE = "synthetic"

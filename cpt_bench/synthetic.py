@@ -55,6 +55,7 @@ class SyntheticParams:
     general_sentences: int = 12000
     train_items: int = 120
     test_items: int = 300
+    heldout_sentences: int = 400  # held-out text per language, for the MLM perplexity matrix (never trained on)
 
     def check(self, where: str) -> None:
         if len(set(self.domains)) != len(self.domains) or "general" in self.domains:
@@ -165,6 +166,11 @@ def generate(seed: int, p: SyntheticParams) -> dict[str, Any]:
         files[f"{name}/train.jsonl"] = _items(rng, lang, p.train_items, lang.anchors)
         files[f"{name}/test.jsonl"] = _items(rng, lang, p.test_items, lang.moved)
         files[f"{name}/verbalizer.json"] = {f"class{c}": words for c, words in enumerate(lang.anchors)}
+        # its own random stream, so adding held-out text leaves every other file byte-identical
+        heldout_rng = random.Random(f"synthetic-v{GENERATOR_VERSION}-{seed}-{name}-heldout")
+        files[f"{name}/heldout.jsonl"] = [
+            {"text": _sentence(heldout_rng, lang, heldout_rng.randrange(p.classes), p.words_per_sentence)}
+            for _ in range(p.heldout_sentences)]
     words = sorted({w for lang in languages.values() for c in lang.classes for w in c})
     markers = sorted(lang.marker for lang in languages.values() if lang.marker)
     files["vocabulary.jsonl"] = [{"text": w} for w in ["in", "."] + markers + words]

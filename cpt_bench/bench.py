@@ -1,0 +1,211 @@
+"""`cpt-bench bench`: side-by-side speed of a DAP step, measured in one run.
+
+Three kinds of step on the same model, batch, sequence length and data (the first domain's MLM blocks of a
+suite): `transformers.Trainer` with `DataCollatorForLanguageModeling` (full-vocabulary logits), our shared
+trainer running `naive`, and our trainer running `softmask` at a later stage (accumulated importance present:
+soft-masked updates and the contrastive loss on). Each measurement runs in a fresh process (so its peak memory
+is its own), the kinds alternate, and each is repeated; medians of the per-step times after a warm-up are
+compared. The importance pass after a softmask stage is timed too and expressed as a fraction of a stage of
+the suite's default length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+KINDS = ("hf_trainer", "naive", "softmask")
+WARMUP_STEPS = 3
+
+
+@dataclasses.dataclass
+class BenchRequest:
+    suite: str = "synthetic"
+    model: str | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    steps: int = 20
+    repeats: int = 3
+    device: str = "auto"
+
+
+def plan_for(request: BenchRequest, method: str):
+    from cpt_bench.runner import RunRequest, plan_run
+
+    sets = [f"dap.batch_size={request.batch_size}"] if request.batch_size else []
+    sets += [f"dap.seq_len={request.seq_len}"] if request.seq_len else []
+    return plan_run(RunRequest(method=method, suite=request.suite, model=request.model, sets=sets,
+                               device=request.device, show_progress=False))
+
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
+    """One measurement in this process: per-step seconds, tokens per step, peak memory."""
+    import copy
+
+    import torch
+
+    from cpt_bench.plugin import Stage
+    from cpt_bench.runner import make_accelerator
+    from cpt_bench.trainer import DapTrainer
+
+    plan = plan_for(request, "softmask" if kind == "softmask" else "naive")
+    accelerator = make_accelerator(plan)
+    domain = plan.domains[0]
+    blocks = plan.data.blocks(domain, plan.dap.seq_len)
+    settings = dataclasses.replace(plan.dap, steps=request.steps + WARMUP_STEPS)
+    model = copy.deepcopy(plan.original_model).to(accelerator.device)
+    tokens_per_step = settings.batch_size * settings.seq_len
+    stamps: list[float] = []
+    extra: dict[str, Any] = {}
+    if kind == "hf_trainer":
+        stamps = _hf_trainer_steps(model, plan.tokenizer, blocks, settings, accelerator.device)
+    else:
+        method = plan.method_cls(plan.method_settings)
+        original_step = method.after_optimizer_step
+
+        def timed_step(stage, original_step=original_step):
+            original_step(stage)
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        method.after_optimizer_step = timed_step
+        from cpt_bench.plugin import SequenceState
+
+        method.on_sequence_start(SequenceState(model, plan.tokenizer, accelerator, plan.domains, 0))
+        if kind == "softmask":  # a later stage: an accumulated importance exists, so masking and contrast run
+            method.accumulated = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(0)).to(v.device)
+                                  for k, v in method.units.zeros(accelerator.device).items()}
+        trainer = DapTrainer(accelerator, plan.tokenizer, settings, method, seed=0, show_progress=False)
+        started = time.perf_counter()
+        trainer.train_stage(model, blocks, Stage(domain, [domain]), stage_index=1)
+        finished = time.perf_counter()
+        if kind == "softmask":
+            extra["importance_seconds"] = finished - stamps[-1]  # after_domain: the domain's importance
+            extra["suite_steps"] = plan.dap.steps
+        extra["first_step_seconds"] = stamps[0] - started
+    step_seconds = [b - a for a, b in zip(stamps[WARMUP_STEPS - 1:], stamps[WARMUP_STEPS:])]
+    return {"kind": kind, "step_seconds": step_seconds, "tokens_per_step": tokens_per_step,
+            "peak_memory_mb": _peak_memory_mb(accelerator.device), "model": plan.model_name,
+            "batch_size": settings.batch_size, "seq_len": settings.seq_len,
+            "device": str(accelerator.device), "precision": plan.dap.precision, **extra}
+
+
+def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]:
+    """Per-step end times of `transformers.Trainer` on the same blocks (its own collator and loss)."""
+    import torch
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    stamps: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        arguments = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=settings.batch_size, max_steps=settings.steps,
+            learning_rate=settings.lr, warmup_steps=int(settings.warmup * settings.steps), weight_decay=settings.weight_decay,
+            max_grad_norm=settings.max_grad_norm, logging_steps=10 ** 9, save_strategy="no", report_to=[],
+            disable_tqdm=True, use_cpu=device.type == "cpu", bf16=settings.precision == "bf16",
+            fp16=settings.precision == "fp16", dataloader_num_workers=0, seed=0)
+        trainer = Trainer(model=model, args=arguments, train_dataset=blocks,
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
+                          callbacks=[StepClock()])
+        trainer.train()
+    return stamps
+
+
+def run_bench(request: BenchRequest, echo=print) -> dict[str, Any]:
+    """Alternate the kinds, each in a fresh process, `repeats` times; medians and ratios."""
+    samples: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+    for repeat in range(request.repeats):
+        for kind in KINDS:
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+                out = Path(handle.name)
+            command = [sys.executable, "-m", "cpt_bench.bench", kind, str(out), json.dumps(dataclasses.asdict(request))]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"bench {kind} failed:\n{done.stderr[-3000:]}")
+            samples[kind].append(json.loads(out.read_text()))
+            out.unlink()
+            median = statistics.median(samples[kind][-1]["step_seconds"])
+            echo(f"repeat {repeat + 1}/{request.repeats} {kind:10s} {median * 1000:8.1f} ms/step")
+    step = {k: statistics.median(statistics.median(s["step_seconds"]) for s in v) for k, v in samples.items()}
+    memory = {k: statistics.median(s["peak_memory_mb"] for s in v) for k, v in samples.items()}
+    first = samples["naive"][0]
+    importance = statistics.median(s["importance_seconds"] for s in samples["softmask"])
+    stage_seconds = samples["softmask"][0]["suite_steps"] * step["softmask"]
+    return {
+        "hf_trainer_speedup": step["hf_trainer"] / step["naive"],
+        "softmask_step_ratio": step["softmask"] / step["naive"],
+        "importance_fraction": importance / stage_seconds,
+        "machine": machine_description(first["device"]),
+        "model": first["model"], "suite": request.suite, "batch_size": first["batch_size"],
+        "seq_len": first["seq_len"], "precision": first["precision"], "repeats": request.repeats,
+        "steps_per_measurement": request.steps,
+        "step_ms": {k: v * 1000 for k, v in step.items()},
+        "tokens_per_second": {k: first["tokens_per_step"] / v for k, v in step.items()},
+        "peak_memory_mb": memory,
+        "importance_seconds": importance,
+        "stage_steps": samples["softmask"][0]["suite_steps"],
+    }
+
+
+def machine_description(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)} ({platform.machine()}, {os.cpu_count()} CPU cores)"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (CPU)"
+
+
+def table(result: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    rows = [[k, f"{result['step_ms'][k]:.1f}", f"{result['tokens_per_second'][k]:.0f}",
+             f"{result['peak_memory_mb'][k]:.0f}"] for k in KINDS]
+    head = (f"{result['machine']}; model {result['model']}, batch {result['batch_size']} x {result['seq_len']} "
+            f"tokens, {result['precision']}; medians of {result['repeats']} alternating repeats x "
+            f"{result['steps_per_measurement']} steps\n")
+    body = tabulate(rows, headers=["step", "ms/step", "tokens/s", "peak memory MB"], tablefmt="github")
+    tail = (f"\nour naive vs transformers.Trainer: {result['hf_trainer_speedup']:.2f}x tokens/s"
+            f"\nsoftmask / naive step time: {result['softmask_step_ratio']:.2f}"
+            f"\nimportance pass: {result['importance_seconds']:.2f} s = {result['importance_fraction']:.1%} of a "
+            f"{result['stage_steps']}-step softmask stage")
+    return head + body + tail
+
+
+def _worker() -> None:
+    kind, out, request = sys.argv[1], Path(sys.argv[2]), BenchRequest(**json.loads(sys.argv[3]))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    out.write_text(json.dumps(measure(kind, request)))
+
+
+if __name__ == "__main__":
+    _worker()

@@ -1,0 +1,105 @@
+"""`cpt-bench report --format html`: one self-contained leaderboard page (sortable table, plots embedded as
+data URIs, no external resources). Every string from result files or settings is HTML-escaped."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cpt_bench.report import Group, Table
+
+_NUMBER = re.compile(r"^\s*\**(-?\d+(?:\.\d+)?)")
+
+_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("th").forEach(function (th, column) {
+    th.addEventListener("click", function () {
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      var ascending = th.getAttribute("data-order") !== "asc";
+      table.querySelectorAll("th").forEach(function (other) { other.removeAttribute("data-order"); });
+      th.setAttribute("data-order", ascending ? "asc" : "desc");
+      rows.sort(function (a, b) {
+        var x = a.cells[column].getAttribute("data-value"), y = b.cells[column].getAttribute("data-value");
+        var nx = parseFloat(x), ny = parseFloat(y);
+        var result = (isNaN(nx) || isNaN(ny)) ? String(x).localeCompare(String(y)) : nx - ny;
+        return ascending ? result : -result;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+"""
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
+th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }
+th[data-order="asc"]::after { content: " \\25B2"; } th[data-order="desc"]::after { content: " \\25BC"; }
+td.text, th.text { text-align: left; }
+td.best { font-weight: bold; }
+.plots img { max-width: 32%; margin: 0.3em; border: 1px solid #eee; }
+p.legend { font-size: 0.85em; color: #555; max-width: 70em; }
+"""
+
+
+def _cell_value(text: str) -> str:
+    """What a column sorts by: the leading number of a cell, else its text."""
+    match = _NUMBER.match(text)
+    return match.group(1) if match else text
+
+
+def render_html(table: Table, groups: list[Group]) -> str:
+    from cpt_bench.plots import group_figures, group_title
+    from cpt_bench.report import LEGEND
+
+    esc = html.escape
+    text_columns = {"method", "config", "suite", "order", "seeds", "model"}
+    head = "".join(f'<th class="{"text" if h in text_columns else ""}">{esc(h)}</th>' for h in table.header)
+    body = []
+    for cells, flags in zip(table.rows, table.bold):
+        tds = []
+        for header, cell, flag in zip(table.header, cells, flags):
+            classes = " ".join(c for c in ("text" if header in text_columns else "", "best" if flag else "") if c)
+            tds.append(f'<td class="{classes}" data-value="{esc(_cell_value(cell))}">{esc(cell)}</td>')
+        body.append(f"<tr>{''.join(tds)}</tr>")
+    sections = []
+    for group in groups:
+        images = "".join(
+            f'<img alt="{esc(f"{group_title(group)}: {kind}")}" '
+            f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
+            for kind, data in group_figures(group).items())
+        if images:
+            sections.append(f"<h3>{esc(group_title(group))}</h3><div class=\"plots\">{images}</div>")
+    suites = ", ".join(sorted({g.suite for g in groups}))
+    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>cpt-bench leaderboard: {esc(suites)}</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<h1>cpt-bench leaderboard</h1>
+<p>Suites: {esc(suites)}. {len(groups)} rows from {sum(len(g.runs) for g in groups)} result files; generated {generated}.
+Click a column header to sort.</p>
+<table class="sortable" id="leaderboard">
+<thead><tr>{head}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody>
+</table>
+<p class="legend">{esc(LEGEND)}</p>
+<h2>Plots</h2>
+{chr(10).join(sections)}
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""

