@@ -61,7 +61,7 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
             loss = mlm_loss(model, batch)
         grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
         for name, grad in zip(parameters, grads):
-            if grad is not None:  # unused (e.g. token-type rows never seen): zero Fisher
+            if grad is not None:  # None: not in the MLM loss's graph, so zero Fisher
                 totals[name] += grad.detach().float().pow(2)
         count += 1
     model.train(was_training)
@@ -89,11 +89,13 @@ class Ewc(Method):
 
     def after_domain(self, stage) -> None:
         fresh = self.domain_fisher(stage)
-        decay = self.settings.decay
+        old, decay = self.fisher or {}, self.settings.decay
         # Schwarz et al. 2018, Sec. 2.2: F* <- gamma F* + F_new; the anchor moves to the newest weights
-        self.fisher = fresh if self.fisher is None else \
-            {name: decay * self.fisher[name].to(f.device) + f for name, f in fresh.items()}
-        self.anchor = {name: p.detach().clone() for name, p in trained_parameters(stage.model).items()}
+        self.fisher = {name: decay * f.to(fresh[name].device) + fresh[name] if name in fresh else decay * f
+                       for name, f in old.items()}
+        self.fisher.update({name: f for name, f in fresh.items() if name not in old})
+        weights = dict(stage.model.named_parameters())
+        self.anchor = {name: weights[name].detach().clone() for name in self.fisher}
         self.domains_learned += 1
 
     # ---- the penalty and the Fisher

@@ -300,6 +300,7 @@ def test_derpp_state_round_trips(tiny):
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_each_runs_on_the_tiny_suite(tiny_suite, tmp_path):
     trained = None
     for name in ("ewc", "kd", "derpp"):  # one test: the base scores are computed once, then cached
