@@ -83,9 +83,12 @@ class Ewc(Method):
     # ---- events
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = stage.objective(**batch)
+        stage.log_term("mlm", loss)
         if self.fisher is None or self.settings.weight == 0:
             return loss
-        return loss + self.settings.weight * self.penalty(stage.model)
+        penalty = self.penalty(stage.model)
+        stage.log_term("ewc_penalty", penalty)
+        return loss + self.settings.weight * penalty
 
     def after_domain(self, stage) -> None:
         fresh = self.domain_fisher(stage)

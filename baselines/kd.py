@@ -88,12 +88,15 @@ class Kd(Method):
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with head_outputs(stage.model) as outputs:
             loss = stage.objective(**batch)
+        stage.log_term("mlm", loss)
         if not outputs:  # no masked position in this micro-batch: nothing to distil
             return loss
         (student,) = outputs  # mlm_loss runs the head once, on the masked positions
         with torch.no_grad():
             teacher = masked_logits(self.teacher, batch)
-        return loss + self.settings.alpha * distillation(student, teacher, self.settings.temperature)
+        kl = distillation(student, teacher, self.settings.temperature)
+        stage.log_term("distillation", kl)
+        return loss + self.settings.alpha * kl
 
     # ---- accounting and checkpoints
     def overhead(self, model: nn.Module) -> dict[str, int]:

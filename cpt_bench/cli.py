@@ -35,12 +35,14 @@ def exits_2_on_bad_input(fn):
 def list_command(what: Annotated[str, typer.Argument(help="methods or suites")]) -> None:
     """List registered methods or suites, one line each."""
     if what == "methods":
-        from cpt_bench.plugin import METHODS, load_plugins
+        from cpt_bench.plugin import BROKEN_PLUGINS, METHODS, load_plugins
 
         load_plugins()
         for name, cls in sorted(METHODS.items()):
             alias = f" (alias: {', '.join(cls.aliases)})" if cls.aliases else ""
             typer.echo(f"{name:<12} {cls.description}{alias}")
+        for module, why in sorted(BROKEN_PLUGINS.items()):
+            typer.echo(f"warning: plugin {module} failed to load: {why}", err=True)
     elif what == "suites":
         from cpt_bench.suite import registered_suite_files, suite_summary
 

@@ -26,6 +26,22 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside a cache entry while it is built: concurrent runs that need the same slow
+    entry (the default suite's base model) wait for the first builder instead of each building it again."""
+    import fcntl
+
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def building(path: Path) -> Iterator[Path]:
     """Build a cache folder under a temporary name, then move it into place whole: a reader never sees a
     half-built entry, and of two processes building the same entry the first one's is kept."""
@@ -216,13 +232,14 @@ def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | 
 
 def encode_split(tokenizer, split: EndTaskSplit, max_length: int, template: str | None = None
                  ) -> dict[str, torch.Tensor]:
-    """Tokenise (text, optional second text) pairs, padded to the longest and truncated to `max_length`.
+    """Tokenise (text, optional second text) pairs, right-padded to the longest and truncated to `max_length`.
 
     With a prompt `template`, each example becomes one text holding one mask token."""
     if template is not None:
         pairs = split.text_pairs or [""] * len(split.texts)
         texts = [template.format(text=t, text_pair=p, mask=tokenizer.mask_token) for t, p in zip(split.texts, pairs)]
-        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", padding_side="right",
+                            return_tensors="pt")
         masks = (encoded["input_ids"] == tokenizer.mask_token_id).sum(-1)
         if not bool((masks == 1).all()):
             row = int((masks != 1).nonzero()[0])
@@ -231,11 +248,13 @@ def encode_split(tokenizer, split: EndTaskSplit, max_length: int, template: str 
     elif split.text_pairs is not None:
         # aspect-style pairs: the short second text first, so truncation cuts the long sentence, not the aspect
         encoded = tokenizer(split.text_pairs, split.texts, truncation="only_second", max_length=max_length,
-                            padding="longest", return_tensors="pt")
+                            padding="longest", padding_side="right", return_tensors="pt")
     else:
         encoded = tokenizer(split.texts, truncation=True, max_length=max_length, padding="longest",
-                            return_tensors="pt")
+                            padding_side="right", return_tensors="pt")
     batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    if split.text_pairs is not None and template is None and "token_type_ids" in encoded:
+        batch["token_type_ids"] = encoded["token_type_ids"]  # BERT-style segment ids mark the pair's two texts
     batch["labels"] = torch.tensor(split.labels, dtype=torch.long)
     return batch
 

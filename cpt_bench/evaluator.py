@@ -28,8 +28,11 @@ def classification_metric():
 
 
 def score(predictions: list[int], references: list[int], num_labels: int, average: str = "macro") -> dict:
-    result = classification_metric().compute(predictions=predictions, references=references,
-                                             num_labels=num_labels, average=average)
+    """Macro-F1 over the classes that occur in the references or the predictions (scikit-learn's default,
+    and the paper's scorer): a label missing from a small test split is not counted as F1 = 0."""
+    if predictions and max(max(predictions), max(references, default=0)) >= num_labels:
+        raise ValueError(f"class id outside the task's {num_labels} labels")
+    result = classification_metric().compute(predictions=predictions, references=references, average=average)
     return {"macro_f1": float(result["f1"]), "accuracy": float(result["accuracy"])}
 
 
@@ -48,8 +51,11 @@ class SequenceClassifier(nn.Module):
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.out = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, input_ids, attention_mask):
-        first = self.body(input_ids=input_ids, attention_mask=attention_mask)[0][:, 0]
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        first = self.body(**inputs)[0][:, 0]
         return self.out(self.dropout(torch.tanh(self.dense(self.dropout(first)))))
 
 
@@ -63,7 +69,7 @@ class PromptClassifier(nn.Module):
         self.label_token_ids = [torch.tensor(ids) for ids in label_token_ids]
         self.mask_token_id = mask_token_id
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
         hidden = encoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask)[0]
         logits = mlm_head(self.lm)(hidden[input_ids == self.mask_token_id])  # one mask per row
         return torch.stack([torch.logsumexp(logits[:, ids.to(logits.device)], dim=-1)
@@ -92,6 +98,14 @@ def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData) -> 
             encode_split(tokenizer, split, settings.max_length, task.template)
     if task.evaluator == "prompt":
         verbalizer_token_ids(tokenizer, task)
+
+
+def trimmed(split: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The given rows of an encoded split, cut to their own longest example: a split is padded to its longest
+    text, and attending over that padding in every batch wastes compute (right padding, so a prefix is kept)."""
+    batch = {k: v[rows] for k, v in split.items()}
+    length = int(batch["attention_mask"].sum(-1).max())
+    return {k: (v[:, :length] if v.dim() == 2 else v) for k, v in batch.items()}
 
 
 def task_settings(defaults: FinetuneSettings, task: EndTaskData) -> FinetuneSettings:
@@ -153,10 +167,9 @@ class EndTaskEvaluator:
             model.train()
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, s.batch_size):
-                index = order[start: start + s.batch_size]
-                batch = {k: v[index].to(device) for k, v in train.items()}
+                batch = {k: v.to(device) for k, v in trimmed(train, order[start: start + s.batch_size]).items()}
                 with self.accelerator.autocast():
-                    logits = model(batch["input_ids"], batch["attention_mask"])
+                    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
                 loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
                 loss.backward()
                 if s.max_grad_norm > 0:
@@ -181,9 +194,10 @@ class EndTaskEvaluator:
         predictions = []
         batch_size = max(64, self.settings.batch_size)
         for start in range(0, len(split["labels"]), batch_size):
-            ids = split["input_ids"][start: start + batch_size].to(self.accelerator.device)
-            mask = split["attention_mask"][start: start + batch_size].to(self.accelerator.device)
+            rows = torch.arange(start, min(start + batch_size, len(split["labels"])))
+            batch = {k: v.to(self.accelerator.device) for k, v in trimmed(split, rows).items()}
             with self.accelerator.autocast():
-                predictions.append(model(ids, mask).argmax(-1).cpu())
+                logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            predictions.append(logits.argmax(-1).cpu())
         predicted = torch.cat(predictions).tolist()
         return score(predicted, split["labels"].tolist(), len(task.label_names), task.average)

@@ -146,17 +146,33 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+BROKEN_PLUGINS: dict[str, str] = {}  # plugin module -> why it failed to import
+
+
 def load_plugins() -> None:
-    """Import every plugin file under cpt_bench.methods and cpt_bench.baselines (registration is a side effect)."""
+    """Import every plugin file under cpt_bench.methods and cpt_bench.baselines (registration is a side effect).
+
+    A plugin that fails to import is recorded, not raised: one broken file must not take every method down."""
     for package_name in ("cpt_bench.baselines", "cpt_bench.methods"):
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package_name}.{info.name}")
+            module = f"{package_name}.{info.name}"
+            if module in BROKEN_PLUGINS:
+                continue
+            try:
+                importlib.import_module(module)
+            except Exception as error:  # noqa: BLE001 - any import-time failure of a third-party plugin
+                BROKEN_PLUGINS[module] = f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def method_class(name: str) -> type[Method]:
     load_plugins()
     canonical = _ALIASES.get(name, name)
     if canonical not in METHODS:
-        raise BadInput(f"unknown method {name!r} (registered: {', '.join(sorted(METHODS))})")
+        broken = [f"{module} ({why})" for module, why in BROKEN_PLUGINS.items()
+                  if module.rsplit(".", 1)[1] == name]
+        if broken:
+            raise BadInput(f"method {name!r} failed to load: {broken[0]}")
+        also = f"; plugins that failed to load: {', '.join(sorted(BROKEN_PLUGINS))}" if BROKEN_PLUGINS else ""
+        raise BadInput(f"unknown method {name!r} (registered: {', '.join(sorted(METHODS))}){also}")
     return METHODS[canonical]

@@ -84,12 +84,14 @@ def plan_run(request: RunRequest) -> RunPlan:
         dap = override(dap, "steps", str(request.steps), "dap")
     method_settings = method_cls.Settings()
     method_blocks = {method_cls.name, *method_cls.aliases, "method"}
+    finetune_keys_from_cli: set[str] = set()
     for block, values in parse_set_options(request.sets).items():
         for key, value in values.items():
             if block == "dap":
                 dap = override(dap, key, value, "dap")
             elif block == "finetune":
                 finetune = override(finetune, key, value, "finetune")
+                finetune_keys_from_cli.add(key)
             elif block in method_blocks:
                 method_settings = override(method_settings, key, value, method_cls.name)
             else:
@@ -98,6 +100,8 @@ def plan_run(request: RunRequest) -> RunPlan:
     plan = RunPlan(request, suite, list(domains), method_cls, method_settings, dap, finetune,
                    resolve_data_dir(suite, request.data_dir), request.model or suite.model)
     plan.data = LoadedData(plan)  # data problems surface before the (possibly slow) model load
+    for task in plan.data.tasks + plan.data.probes:  # the command line beats a task's own settings in the suite
+        task.finetune_overrides = {k: v for k, v in task.finetune_overrides.items() if k not in finetune_keys_from_cli}
     plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name)
     plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
@@ -286,7 +290,10 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
         "overhead": method.overhead(model),
         "method_summary": method.summary(),
         "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune), "eval": request.eval,
-                     "limit": request.limit, "evaluator": "fine-tune classification head (first token)"},
+                     "limit": request.limit,
+                     "end_tasks": {t.name: {"evaluator": EVALUATOR_NAMES[t.evaluator],
+                                            "finetune_overrides": t.finetune_overrides}
+                                   for t in plan.data.tasks + plan.data.probes}},
         "provenance": {
             "git_commit": git_commit(), "versions": versions(), "started": started.isoformat(),
             "finished": finished.isoformat(), "device": describe_device(accelerator),
@@ -307,6 +314,10 @@ def _stage_blocks(data: LoadedData, corpora: list[str], seq_len: int):
 
     parts = [data.blocks(c, seq_len) for c in corpora]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+EVALUATOR_NAMES = {"head": "fine-tune a classification head on the first token",
+                   "prompt": "prompt-based fine-tuning of the whole LM (verbalizer words at the mask)"}
 
 
 def finetune_seed(run_seed: int, task_name: str) -> int:

@@ -246,16 +246,8 @@ def build_tokenizer(vocabulary: list[str], max_length: int):
 
 def build_base_model(suite_name: str = "synthetic", recipe: BaseModelRecipe | None = None) -> Path:
     """Build (once) and cache the base LM of a generated suite: tokenizer, random init, general pretraining."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import BertConfig, BertForMaskedLM
-
-    from cpt_bench.data import building, cache_dir, mlm_blocks, read_corpus
-    from cpt_bench.plugin import Method, Stage
-    from cpt_bench.settings import DapSettings
+    from cpt_bench.data import cache_dir, exclusive
     from cpt_bench.suite import load_suite
-    from cpt_bench.trainer import DapTrainer
 
     recipe = recipe or BaseModelRecipe()
     suite = load_suite(suite_name)
@@ -264,6 +256,22 @@ def build_base_model(suite_name: str = "synthetic", recipe: BaseModelRecipe | No
     path = cache_dir() / "models" / f"{suite_name}-base-{key}"
     if (path / "COMPLETE").exists():
         return path
+    with exclusive(path):
+        if not (path / "COMPLETE").exists():  # another process may have built it while this one waited
+            _pretrain_base_model(suite_name, recipe, data_dir, path)
+    return path
+
+
+def _pretrain_base_model(suite_name: str, recipe: BaseModelRecipe, data_dir: Path, path: Path) -> None:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import BertConfig, BertForMaskedLM
+
+    from cpt_bench.data import building, mlm_blocks, read_corpus
+    from cpt_bench.plugin import Method, Stage
+    from cpt_bench.settings import DapSettings
+    from cpt_bench.trainer import DapTrainer
 
     vocabulary = [json.loads(line)["text"] for line in (data_dir / "vocabulary.jsonl").read_text().splitlines()]
     tokenizer = build_tokenizer(vocabulary, recipe.max_positions)
@@ -286,7 +294,6 @@ def build_base_model(suite_name: str = "synthetic", recipe: BaseModelRecipe | No
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
         (tmp / "COMPLETE").write_text("ok\n")
-    return path
 
 
 def _register() -> None:

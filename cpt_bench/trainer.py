@@ -46,6 +46,12 @@ class StageState:
     blocks: Any  # the stage's MLM blocks (a datasets.Dataset)
     seed: int
     step: int = 0  # optimizer steps done
+    terms: dict[str, float] = dataclasses.field(default_factory=dict)  # this step's named loss terms
+
+    def log_term(self, name: str, value: torch.Tensor) -> None:
+        """Record a named term of this micro-batch's loss (a method that adds terms logs its plain "mlm" part,
+        so the stage's loss curve stays comparable across methods)."""
+        self.terms[name] = self.terms.get(name, 0.0) + float(value.detach().float()) / self.settings.grad_accum
 
 
 @dataclasses.dataclass
@@ -54,9 +60,10 @@ class StageRecord:
     steps: int
     tokens: int
     seconds: float
-    loss_first: float
+    loss_first: float  # of the masked-LM loss (the total loss for a method that logs no "mlm" term)
     loss_last: float
     loss_curve: list[float]
+    loss_terms: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # total and every logged term
 
 
 def progress_interval() -> float:
@@ -124,6 +131,7 @@ class DapTrainer:
         self.method.before_domain(state)
 
         losses: list[float] = []
+        term_history: dict[str, list[float]] = {}
         tokens = 0
         batches = _endless(loader)
         progress = tqdm(total=total_steps, desc=f"DAP {stage.name}", disable=not self.show_progress,
@@ -131,6 +139,7 @@ class DapTrainer:
         started = time.perf_counter()
         for step in range(total_steps):
             step_loss = 0.0
+            state.terms = {}
             for _ in range(s.grad_accum):
                 batch = next(batches)
                 with accelerator.autocast():
@@ -151,6 +160,8 @@ class DapTrainer:
             optimizer.zero_grad(set_to_none=True)
             state.step = step + 1
             losses.append(step_loss)
+            for name, value in {"total": step_loss, **state.terms}.items():
+                term_history.setdefault(name, []).append(value)
             elapsed = time.perf_counter() - started
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
@@ -159,11 +170,15 @@ class DapTrainer:
         seconds = time.perf_counter() - started
         self.method.after_domain(state)
         accelerator.free_memory()
-        window = max(1, min(10, len(losses) // 10 or 1))
+        mlm = term_history.get("mlm", losses)
+        if len(mlm) != len(losses):  # a method that logs "mlm" on some steps only: fall back to the total
+            mlm = losses
+        window = max(1, min(10, len(mlm) // 10 or 1))
         return StageRecord(domain=stage.name, steps=total_steps, tokens=tokens, seconds=round(seconds, 3),
-                           loss_first=float(sum(losses[:window]) / window),
-                           loss_last=float(sum(losses[-window:]) / window),
-                           loss_curve=_curve(losses, points=50))
+                           loss_first=float(sum(mlm[:window]) / window),
+                           loss_last=float(sum(mlm[-window:]) / window),
+                           loss_curve=_curve(mlm, points=50),
+                           loss_terms={name: _curve(values, points=50) for name, values in term_history.items()})
 
 
 def _endless(loader):

@@ -100,9 +100,12 @@ class SoftMask(Method):
 
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = stage.objective(**batch)
+        stage.log_term("mlm", loss)
         s = self.settings
         if s.contrastive and s.contrastive_weight > 0 and self.accumulated is not None:
-            loss = loss + s.contrastive_weight * self._contrastive(stage, batch)
+            contrastive = self._contrastive(stage, batch)
+            stage.log_term("contrastive", contrastive)
+            loss = loss + s.contrastive_weight * contrastive
         return loss
 
     def after_backward(self, stage) -> None:

@@ -123,3 +123,20 @@ def test_prompt_task_with_a_verbalizer_word_the_model_lacks(tiny_suite, tmp_path
     _edit_suite(tiny_suite, edit)
     _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "zzzunknown",
                       "single token")
+
+
+def test_a_broken_plugin_file_does_not_take_other_methods_down(tmp_path, monkeypatch):
+    import cpt_bench.baselines
+    from cpt_bench import plugin
+    from cpt_bench.errors import BadInput
+
+    (tmp_path / "halfwritten.py").write_text("import a_module_that_does_not_exist\n")
+    monkeypatch.setattr(cpt_bench.baselines, "__path__", [*cpt_bench.baselines.__path__, str(tmp_path)])
+    monkeypatch.setattr(plugin, "BROKEN_PLUGINS", {})
+    assert plugin.method_class("naive").name == "naive"
+    with pytest.raises(BadInput, match="method 'halfwritten' failed to load: .*ModuleNotFoundError"):
+        plugin.method_class("halfwritten")
+    with pytest.raises(BadInput, match="failed to load: cpt_bench.baselines.halfwritten"):
+        plugin.method_class("nosuchmethod")
+    listed = run_cli("list", "methods")
+    assert listed.exit_code == 0 and "naive" in listed.output and "halfwritten" in listed.output

@@ -38,7 +38,8 @@ def tiny(tiny_model_dir, tmp_path, monkeypatch):
         """What a method event sees (the parts these methods read)."""
         return SimpleNamespace(stage_index=index, seed=0, model=lm, objective=MaskedLMObjective(lm),
                                accelerator=Accelerator(cpu=True), tokenizer=tokenizer, blocks=blocks,
-                               settings=settings, stage=Stage(f"stage{index}", [f"stage{index}"]))
+                               settings=settings, stage=Stage(f"stage{index}", [f"stage{index}"]),
+                               log_term=lambda name, value: None)
 
     def batch(seed=1, rows=4):
         collate = MaskingCollator(tokenizer, 0.3, torch.Generator().manual_seed(seed))

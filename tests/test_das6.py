@@ -144,6 +144,29 @@ def test_aspect_sentiment_is_a_sentence_pair_aspect_first(tmp_path):
     batch = encode_split(tokenizer, task.train, 64)
     first = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     assert first[:4] == ["[CLS]", "bread", "[SEP]", "The"]  # (aspect, sentence)
+    # with a BERT tokenizer the segment ids reach the model: 0 up to the first [SEP], 1 over the sentence
+    from transformers import BertTokenizerFast
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                                  + sorted({w.lower() for w in words})) + "\n")
+    bert = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    batch = encode_split(bert, task.train, 64)
+    segments = batch["token_type_ids"][0].tolist()
+    length = int(batch["attention_mask"][0].sum())
+    assert segments[:3] == [0, 0, 0] and set(segments[3:length]) == {1}
+
+
+def test_finetune_batches_are_cut_to_their_own_longest_example():
+    from cpt_bench.evaluator import trimmed
+
+    split = {"input_ids": torch.tensor([[1, 5, 2, 0, 0, 0], [1, 5, 6, 7, 8, 2], [1, 2, 0, 0, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]]),
+             "labels": torch.tensor([0, 1, 0])}
+    batch = trimmed(split, torch.tensor([2, 0]))
+    assert batch["input_ids"].tolist() == [[1, 2, 0], [1, 5, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["labels"].tolist() == [0, 0]
+    assert trimmed(split, torch.tensor([1]))["input_ids"].shape == (1, 6)
 
 
 def test_citation_intent_is_plain_text_and_uses_dev(tmp_path):

@@ -12,12 +12,10 @@ sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def _sklearn(predictions, references, num_labels):
-    labels = list(range(num_labels))
+    # scikit-learn's default label set: the classes that occur in either list (what the paper scored with)
     return {
-        "macro_f1": sklearn_metrics.f1_score(references, predictions, labels=labels, average="macro",
-                                             zero_division=0),
-        "micro_f1": sklearn_metrics.f1_score(references, predictions, labels=labels, average="micro",
-                                             zero_division=0),
+        "macro_f1": sklearn_metrics.f1_score(references, predictions, average="macro", zero_division=0),
+        "micro_f1": sklearn_metrics.f1_score(references, predictions, average="micro", zero_division=0),
         "accuracy": sklearn_metrics.accuracy_score(references, predictions),
     }
 
@@ -31,7 +29,7 @@ def _cases():
         cases.append((predictions, references, num_labels))
     # class 2 is in the references but never predicted
     cases.append(([0, 1, 1, 0, 1, 0], [0, 1, 2, 2, 1, 0], 3))
-    # class 3 appears in neither list (it still counts, with F1 = 0); class 2 is never predicted
+    # class 3 appears in neither list (it does not count); class 2 is never predicted
     cases.append(([0, 1, 0, 1, 1, 0, 0], [0, 1, 2, 1, 0, 2, 0], 4))
     # a class predicted but never in the references
     cases.append(([2, 2, 0, 1], [0, 1, 0, 1], 3))
@@ -57,12 +55,21 @@ def test_default_average_is_macro():
     assert score(predictions, references, 3) == score(predictions, references, 3, "macro")
 
 
-def test_absent_class_lowers_macro_f1():
-    # perfect on classes 0 and 1; class 2 never occurs: macro over 3 classes is 2/3, not 1
+def test_class_absent_from_both_lists_does_not_count():
+    # perfect on classes 0 and 1; class 2 never occurs in the split nor the predictions: macro-F1 is 1
     got = score([0, 1, 1, 0], [0, 1, 1, 0], 3, "macro")
-    assert got["accuracy"] == 1.0
-    assert got["macro_f1"] == pytest.approx(2 / 3)
-    assert score([0, 1, 1, 0], [0, 1, 1, 0], 2, "macro")["macro_f1"] == 1.0
+    assert got == {"macro_f1": 1.0, "accuracy": 1.0}
+
+
+def test_class_never_predicted_lowers_macro_f1():
+    # class 2 occurs in the references but is never predicted: it counts with F1 = 0
+    got = score([0, 1, 0, 1], [0, 1, 2, 2], 3, "macro")
+    assert got["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+
+
+def test_class_id_outside_label_set_is_rejected():
+    with pytest.raises(ValueError, match="labels"):
+        score([0, 3], [0, 1], 2)
 
 
 @pytest.mark.parametrize("predictions, references, num_labels", _cases())

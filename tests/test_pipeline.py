@@ -101,3 +101,36 @@ def test_same_seed_same_metrics(tiny_suite, tmp_path):
     first = _run(tiny_suite, tmp_path / "a", "--method", "naive")
     second = _run(tiny_suite, tmp_path / "b", "--method", "naive")
     assert first["matrix"] == second["matrix"] and first["metrics"] == second["metrics"]
+
+
+def test_command_line_finetune_setting_beats_a_tasks_own(tiny_suite):
+    import yaml
+
+    from cpt_bench.evaluator import task_settings
+    from cpt_bench.runner import RunRequest, plan_run
+
+    suite = yaml.safe_load(tiny_suite.read_text())
+    suite["domains"][0]["end_task"]["finetune"] = {"epochs": 5, "lr": 0.01}
+    tiny_suite.write_text(yaml.safe_dump(suite, sort_keys=False))
+    plan = plan_run(RunRequest(method="naive", suite=str(tiny_suite), show_progress=False))
+    cats = plan.data.tasks[0]
+    assert (task_settings(plan.finetune, cats).epochs, task_settings(plan.finetune, cats).lr) == (5, 0.01)
+    plan = plan_run(RunRequest(method="naive", suite=str(tiny_suite), show_progress=False,
+                               sets=["finetune.epochs=2"]))
+    cats = plan.data.tasks[0]
+    assert task_settings(plan.finetune, cats).epochs == 2  # the command line wins ...
+    assert task_settings(plan.finetune, cats).lr == 0.01  # ... only for the keys it names
+
+
+def test_stage_loss_curve_is_the_plain_mlm_loss_when_a_method_adds_terms(tiny_suite, tmp_path):
+    out = run_cli("run", "--method", "kd", "--suite", str(tiny_suite), "--output", str(tmp_path / "runs"),
+                  "--eval", "final", "--quiet")
+    assert out.exit_code == 0, out.output
+    second = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())["stages"][1]
+    terms = second["loss_terms"]
+    assert set(terms) == {"total", "mlm", "distillation"}
+    assert second["loss_curve"] == terms["mlm"]
+    # total = mlm + alpha * distillation, step by step (alpha = 1 by default)
+    for total, mlm, kl in zip(terms["total"], terms["mlm"], terms["distillation"]):
+        assert abs(total - (mlm + kl)) < 1e-4 * max(1.0, total)
+    assert any(kl > 0 for kl in terms["distillation"])

@@ -33,7 +33,8 @@ def tiny(tiny_model_dir, tmp_path, monkeypatch):
     blocks = mlm_blocks(texts * 4, tokenizer, 16, "tiny")
     settings = DapSettings(batch_size=4, seq_len=16, mlm_probability=0.3)
     stage = SimpleNamespace(stage_index=1, model=model, accelerator=Accelerator(cpu=True), tokenizer=tokenizer,
-                            blocks=blocks, settings=settings, stage=SimpleNamespace(name="cats"))
+                            blocks=blocks, settings=settings, stage=SimpleNamespace(name="cats"),
+                            log_term=lambda name, value: None)
     collate = MaskingCollator(tokenizer, 0.3, torch.Generator().manual_seed(1))
     batch = collate([blocks[i] for i in range(4)])
     return SimpleNamespace(model=model, tokenizer=tokenizer, stage=stage, batch=batch)

@@ -13,7 +13,8 @@ Args:
     predictions (list[int]): predicted class ids.
     references (list[int]): gold class ids.
     num_labels (int, optional): size of the label set; classes absent from both lists count with F1 = 0
-        only when given (as scikit-learn does with `labels=range(num_labels)`). Default: the classes seen.
+        only when given (as scikit-learn does with `labels=range(num_labels)`). Default: the classes seen
+        in either list (scikit-learn's default; what cpt-bench scores with).
     average (str): "macro" (default) or "micro".
 Returns:
     f1 (float), accuracy (float)
