@@ -205,6 +205,8 @@ class Demix(Method):
             parameter.requires_grad_(id(parameter) in trained or (shared and id(parameter) not in in_experts))
 
     def before_domain(self, stage) -> None:
+        if stage.resumed:  # the sample and the new expert's initialisation are in the checkpoint already
+            return
         sample = self._sample(stage)
         self.samples[stage.stage.name] = sample
         if self._new_expert is None:

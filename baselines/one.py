@@ -18,6 +18,8 @@ class One(Method):
         self.original = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
 
     def before_domain(self, stage) -> None:
+        if stage.resumed:  # inside a stage: its weights are the checkpoint's, already trained from the original
+            return
         with torch.no_grad():
             stage.model.load_state_dict(self.original)
 

@@ -69,8 +69,16 @@ def run(
     limit: Annotated[Optional[int], typer.Option(help="cap every split and corpus at N examples")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE override, e.g. dap.lr=1e-4")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between mid-stage checkpoints "
+                                                       "(0: at stage ends only)")] = 500,
+    fresh: Annotated[bool, typer.Option(help="start over: delete this run's checkpoints instead of resuming")
+                     ] = False,
 ) -> None:
-    """Continual DAP over a suite's domains, end-task evaluation, one result file per seed."""
+    """Continual DAP over a suite's domains, end-task evaluation, one result file per seed.
+
+    An interrupted run (crash, SIGKILL, SIGINT/SIGTERM) continues from its last checkpoint when the same
+    command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
+    from cpt_bench.checkpoint import StopRequested, StopSignal
     from cpt_bench.runner import RunRequest, execute, make_accelerator, plan_run
     from cpt_bench.results import write_artifacts, write_json_atomic
     from cpt_bench.suite import DEFAULT_SUITE
@@ -81,15 +89,25 @@ def run(
         order=[d.strip() for d in order.split(",")] if order is not None else None,
         seeds=seed or [0], model=model, data_dir=data_dir, steps=steps, output=output, device=device,
         eval=eval, limit=limit, sets=set_ or [], show_progress=not quiet,
+        checkpoint_every=checkpoint_every, fresh=fresh,
     )
+    if checkpoint_every < 0:
+        raise BadInput(f"--checkpoint-every must be 0 or positive, got {checkpoint_every}")
     plan = plan_run(request)
     accelerator = make_accelerator(plan)
-    for one_seed in request.seeds:
-        path, result, artifacts = execute(plan, one_seed, accelerator)
-        if accelerator.is_main_process:
-            result["artifacts"] = write_artifacts(path, artifacts)  # before the result: it marks completion
-            write_json_atomic(path, result)
-            _print_summary(result, path)
+    with StopSignal() as stop:
+        for one_seed in request.seeds:
+            try:
+                path, result, artifacts, work = execute(plan, one_seed, accelerator, stop)
+            except StopRequested as stopped:
+                typer.echo(f"interrupted: {stopped}; checkpoint saved. Run the same command again to resume "
+                           f"(or add --fresh to start over).", err=True)
+                raise typer.Exit(130) from None
+            if accelerator.is_main_process:
+                result["artifacts"] = write_artifacts(path, artifacts)  # before the result: it marks completion
+                write_json_atomic(path, result)
+                work.clear()
+                _print_summary(result, path)
 
 
 def _print_summary(result: dict, path: Path) -> None:

@@ -8,11 +8,14 @@ import functools
 import datetime
 import hashlib
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cpt_bench.checkpoint import StopRequested, StopSignal, WorkDir, rng_state, set_rng_state
 from cpt_bench.data import cache_dir, mlm_blocks, read_corpus, read_end_task
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import EndTaskEvaluator, check_end_task, derive_seed
@@ -22,7 +25,7 @@ from cpt_bench.plugin import Method, SequenceState, method_class
 from cpt_bench.results import SCHEMA, command_line, git_commit, metrics_block, versions, write_json_atomic
 from cpt_bench.settings import as_dict, override, parse_set_options
 from cpt_bench.suite import Suite, load_suite
-from cpt_bench.trainer import DapTrainer
+from cpt_bench.trainer import Checkpointing, DapTrainer
 
 
 @dataclasses.dataclass
@@ -42,6 +45,9 @@ class RunRequest:
     limit: int | None = None
     sets: list[str] = dataclasses.field(default_factory=list)
     show_progress: bool = True
+    checkpoint_every: int = 500  # optimizer steps between mid-stage checkpoints (0: stage ends only)
+    fresh: bool = False  # ignore (and delete) the run's checkpoints
+    resume: bool = True  # False: no work directory at all (nothing saved, nothing resumed)
 
 
 @dataclasses.dataclass
@@ -198,8 +204,10 @@ def result_path(plan: RunPlan, seed: int, config: dict[str, Any]) -> Path:
     return Path(plan.request.output) / name
 
 
-def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """Run one seed of a plan; returns the result file's path, its content and the method's artifacts."""
+def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | None = None
+            ) -> tuple[Path, dict[str, Any], dict[str, Any], WorkDir]:
+    """Run one seed of a plan, resuming from its work directory; returns the result file's path, its content,
+    the method's artifacts and the work directory (to remove once the result is written)."""
     from accelerate.utils import set_seed
 
     request = plan.request
@@ -217,52 +225,116 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
 
     model = model.to(accelerator.device)
     evaluator = EndTaskEvaluator(accelerator, tokenizer, plan.finetune, request.show_progress)
+    work = WorkDir(Path(request.output) / ".work" / path.stem,
+                   enabled=request.resume and accelerator.num_processes == 1)
+    if request.fresh:
+        work.clear()
+    checkpoint = work.latest()  # (stage, step, state) of the newest checkpoint, or None
+    stop = stop_signal or StopSignal()
     base_scores = cached_base_scores(plan, data, model, evaluator, seed)
     set_seed(seed)
 
     columns = len(plan.domains)
-    matrices: dict[str, list[list[float | None]]] = {"macro_f1": [], "accuracy": []}
-    probes = {p.name: {"base": base_scores["probes"][p.name]["macro_f1"], "stages": []} for p in data.probes}
-    stage_records = []
     perplexity_corpora = [c for c in plan.domains if c in data.heldout] + \
         [c for c in data.heldout if c not in plan.domains]
-    perplexity = {"corpora": perplexity_corpora, "blocks": plan.suite.perplexity.blocks,
-                  "base": [heldout_perplexity(plan, data, model, c, accelerator) for c in perplexity_corpora],
-                  "stages": []}
+    if checkpoint is None:
+        run = {"matrices": {"macro_f1": [], "accuracy": []},
+               "probes": {p.name: {"base": base_scores["probes"][p.name]["macro_f1"], "stages": []}
+                          for p in data.probes},
+               "perplexity": {"corpora": perplexity_corpora, "blocks": plan.suite.perplexity.blocks,
+                              "base": [heldout_perplexity(plan, data, model, c, accelerator)
+                                       for c in perplexity_corpora], "stages": []},
+               "stage_records": [], "learned": [], "started": started.isoformat(), "wall_before": 0.0}
+    else:
+        run = checkpoint[2]["run"]
+        method.load_state_dict(checkpoint[2]["method"])  # before on_sequence_start: it rebuilds modules
+        started = datetime.datetime.fromisoformat(run["started"])
+        print(f"resuming {path.name} from stage {checkpoint[0] + 1} step {checkpoint[1]} "
+              f"({work.path})", file=sys.stderr, flush=True)
+    segment_started = time.perf_counter()
+    matrices, probes, perplexity, stage_records = run["matrices"], run["probes"], run["perplexity"], \
+        run["stage_records"]
+    learned: set[int] = set(run["learned"])
+
+    def run_state() -> dict[str, Any]:
+        return {**run, "learned": sorted(learned),
+                "wall_before": run["wall_before"] + time.perf_counter() - segment_started}
+
     trainer = DapTrainer(accelerator, tokenizer, plan.dap, method, seed, request.show_progress)
     method.on_sequence_start(SequenceState(model, tokenizer, accelerator, plan.domains, seed))
     for column, task in enumerate(data.tasks):
         method.observe_end_task(column, task.train.texts)
-    learned: set[int] = set()
+    resume_training = None
+    if checkpoint is not None:
+        stage_done = len(stage_records)  # stages whose DAP is finished (the last may still await its row)
+        if checkpoint[2]["kind"] == "mid_stage":
+            resume_training = checkpoint[2]["training"]
+        else:
+            model.load_state_dict(checkpoint[2]["model"])
+            set_rng_state(checkpoint[2]["rng"])
     for index, stage in enumerate(stages):
+        if index < len(matrices["macro_f1"]):
+            continue  # trained and evaluated before the interruption
         unknown = [c for c in stage.corpora if c not in plan.domains]
         if unknown:
             raise ValueError(f"method {method.name} planned a stage on unknown corpus {unknown[0]!r}")
-        blocks = _stage_blocks(data, stage.corpora, plan.dap.seq_len)
-        record = trainer.train_stage(model, blocks, stage, index)
-        stage_records.append(dataclasses.asdict(record))
         trained_now = {plan.domains.index(c) for c in stage.corpora}
-        learned |= trained_now
+        if index >= len(stage_records):
+            blocks = _stage_blocks(data, stage.corpora, plan.dap.seq_len)
+
+            def save_mid_stage(step: int, training: dict[str, Any], index=index) -> None:
+                work.save_checkpoint(index, step, {"kind": "mid_stage", "run": run_state(),
+                                                   "method": method.state_dict(), "training": training})
+
+            record = trainer.train_stage(model, blocks, stage, index, Checkpointing(
+                save_mid_stage, request.checkpoint_every if work.enabled else 0, stop, resume_training))
+            resume_training = None
+            stage_records.append(dataclasses.asdict(record))
+            learned |= trained_now
+            work.save_checkpoint(index, record.steps, {"kind": "stage_end", "run": run_state(),
+                                                       "method": method.state_dict(), "model": model.state_dict(),
+                                                       "rng": rng_state()})
         if request.eval == "full" or index == len(stages) - 1:
             scheduled = sorted(learned)
         else:
             scheduled = sorted(trained_now)
+        evaluations = _row_evaluations(work, index)  # what this row already measured before an interruption
+
+        def measured(key: str, compute) -> Any:
+            """One measurement of this row: replayed from progress.json, or computed and saved there."""
+            if key in evaluations:
+                set_rng_state(evaluations[key]["rng"])
+                return evaluations[key]["value"]
+            if stop.requested:
+                raise StopRequested(f"stopped by {stop.requested} while evaluating after stage {stage.name!r}")
+            value = compute()
+            evaluations[key] = {"value": value, "rng": _json_rng()}
+            work.save_progress({"row": index, "evaluations": evaluations})
+            return value
+
         row_f1: list[float | None] = [None] * columns
         row_acc: list[float | None] = [None] * columns
         for column in method.end_tasks_after_stage(index, scheduled):
             task = data.tasks[column]
-            scores = evaluator.evaluate(method.end_task_lm(model, column), task, finetune_seed(seed, task.name))
+            scores = measured(f"task:{task.name}", lambda: evaluator.evaluate(
+                method.end_task_lm(model, column), task, finetune_seed(seed, task.name)))
             row_f1[column], row_acc[column] = scores["macro_f1"], scores["accuracy"]
-        matrices["macro_f1"].append(row_f1)
-        matrices["accuracy"].append(row_acc)
-        for probe in data.probes:
-            scores = evaluator.evaluate(method.probe_lm(model), probe, finetune_seed(seed, probe.name))
-            probes[probe.name]["stages"].append(scores["macro_f1"])
+        probe_scores = [measured(f"probe:{probe.name}", lambda: evaluator.evaluate(
+            method.probe_lm(model), probe, finetune_seed(seed, probe.name))) for probe in data.probes]
         # a learned domain is scored with the LM the method fine-tunes for it, anything else with its general LM
-        perplexity["stages"].append([
+        perplexity_row = measured("perplexity", lambda: [
             heldout_perplexity(plan, data, method.end_task_lm(model, plan.domains.index(c)) if c in plan.domains
                                and plan.domains.index(c) in learned else method.probe_lm(model), c, accelerator)
             for c in perplexity_corpora])
+        matrices["macro_f1"].append(row_f1)
+        matrices["accuracy"].append(row_acc)
+        for probe, scores in zip(data.probes, probe_scores):
+            probes[probe.name]["stages"].append(scores["macro_f1"])
+        perplexity["stages"].append(perplexity_row)
+        if index < len(stages) - 1:  # the row is complete: the next stage starts from this checkpoint
+            work.save_checkpoint(index, stage_records[-1]["steps"], {
+                "kind": "stage_end", "run": run_state(), "method": method.state_dict(),
+                "model": model.state_dict(), "rng": rng_state()})
 
     base = {"macro_f1": [base_scores["tasks"][t.name]["macro_f1"] for t in data.tasks],
             "accuracy": [base_scores["tasks"][t.name]["accuracy"] for t in data.tasks]}
@@ -286,7 +358,7 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
         "probes": probes,
         "perplexity": perplexity,
         "stages": stage_records,
-        "wall_seconds": round((finished - started).total_seconds(), 3),
+        "wall_seconds": round(run["wall_before"] + time.perf_counter() - segment_started, 3),
         "overhead": method.overhead(model),
         "method_summary": method.summary(),
         "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune), "eval": request.eval,
@@ -300,7 +372,20 @@ def execute(plan: RunPlan, seed: int, accelerator) -> tuple[Path, dict[str, Any]
             "command": command_line(), "config_hash": path.stem.rsplit("__", 1)[-1],
         },
     }
-    return path, result, method.artifacts()
+    return path, result, method.artifacts(), work
+
+
+def _row_evaluations(work: WorkDir, row: int) -> dict[str, Any]:
+    progress = work.load_progress()
+    return dict(progress["evaluations"]) if progress and progress.get("row") == row else {}
+
+
+def _json_rng() -> dict[str, Any]:
+    """The RNG states as JSON (for progress.json): tensors as lists (set_rng_state takes either)."""
+    state = rng_state()
+    return {"python": state["python"], "torch": state["torch"].tolist(),
+            "numpy": [state["numpy"][0], state["numpy"][1].tolist(), *state["numpy"][2:]],
+            **({"cuda": [t.tolist() for t in state["cuda"]]} if "cuda" in state else {})}
 
 
 def heldout_perplexity(plan: RunPlan, data: LoadedData, lm: torch.nn.Module, corpus: str, accelerator) -> float:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cpt_bench.checkpoint import StopRequested, rng_state, set_rng_state
 from cpt_bench.data import MaskingCollator
 from cpt_bench.errors import BadInput
 from cpt_bench.models import mlm_loss
@@ -46,6 +48,7 @@ class StageState:
     blocks: Any  # the stage's MLM blocks (a datasets.Dataset)
     seed: int
     step: int = 0  # optimizer steps done
+    resumed: bool = False  # True: the stage continues from a mid-stage checkpoint (before_domain ran before it)
     terms: dict[str, float] = dataclasses.field(default_factory=dict)  # this step's named loss terms
 
     def log_term(self, name: str, value: torch.Tensor) -> None:
@@ -98,6 +101,17 @@ def adamw(parameters: list[nn.Parameter], named: dict[int, str], lr: float, weig
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 
 
+@dataclasses.dataclass
+class Checkpointing:
+    """How a stage saves itself: every `every` optimizer steps (0: never mid-stage) and when `stop` says a
+    signal arrived, `save(step, state)` gets the stage's full training state; `resume` is such a state."""
+
+    save: Callable[[int, dict[str, Any]], None]
+    every: int = 0
+    stop: Any = None  # a checkpoint.StopSignal (or anything with `.requested`)
+    resume: dict[str, Any] | None = None
+
+
 class DapTrainer:
     def __init__(self, accelerator, tokenizer, settings: DapSettings, method: Method, seed: int,
                  show_progress: bool = True):
@@ -108,7 +122,8 @@ class DapTrainer:
         self.seed = seed
         self.show_progress = show_progress and accelerator.is_local_main_process
 
-    def train_stage(self, model: nn.Module, blocks, stage: Stage, stage_index: int) -> StageRecord:
+    def train_stage(self, model: nn.Module, blocks, stage: Stage, stage_index: int,
+                    checkpointing: Checkpointing | None = None) -> StageRecord:
         s = self.settings
         accelerator = self.accelerator
         total_steps = s.steps * stage.steps_scale
@@ -127,17 +142,36 @@ class DapTrainer:
             MaskedLMObjective(model), optimizer, loader, scheduler)
         state = StageState(stage, stage_index, model, objective, optimizer, accelerator, s, self.tokenizer,
                            blocks, self.seed)
+        resume = checkpointing.resume if checkpointing is not None else None
+        if resume is not None:  # the weights and optimizer as they were at the checkpoint's step
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            state.resumed, state.step = True, int(resume["step"])
         objective.train()
         self.method.before_domain(state)
 
-        losses: list[float] = []
-        term_history: dict[str, list[float]] = {}
-        tokens = 0
+        losses: list[float] = list(resume["losses"]) if resume else []
+        term_history: dict[str, list[float]] = {k: list(v) for k, v in resume["terms"].items()} if resume else {}
+        tokens = int(resume["tokens"]) if resume else 0
+        first_step = int(resume["step"]) if resume else 0
         batches = _endless(loader)
-        progress = tqdm(total=total_steps, desc=f"DAP {stage.name}", disable=not self.show_progress,
-                        dynamic_ncols=True, leave=False, mininterval=progress_interval())
-        started = time.perf_counter()
-        for step in range(total_steps):
+        for _ in range(first_step * s.grad_accum):  # replay the data order and masking up to the checkpoint
+            next(batches)
+        if resume is not None:
+            set_rng_state(resume["rng"])  # dropout continues as if never interrupted
+        progress = tqdm(total=total_steps, initial=first_step, desc=f"DAP {stage.name}",
+                        disable=not self.show_progress, dynamic_ncols=True, leave=False,
+                        mininterval=progress_interval())
+        started = time.perf_counter() - (float(resume["seconds"]) if resume else 0.0)
+
+        def training_state(step_done: int) -> dict[str, Any]:
+            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step_done,
+                    "losses": losses, "terms": term_history, "tokens": tokens,
+                    "seconds": time.perf_counter() - started}
+
+        for step in range(first_step, total_steps):
             step_loss = 0.0
             state.terms = {}
             for _ in range(s.grad_accum):
@@ -166,6 +200,14 @@ class DapTrainer:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
                                  refresh=False)  # redraw on tqdm's interval, not every step
+            if checkpointing is not None and step + 1 < total_steps:
+                stop = checkpointing.stop is not None and checkpointing.stop.requested
+                if stop or (checkpointing.every and (step + 1) % checkpointing.every == 0):
+                    checkpointing.save(step + 1, training_state(step + 1))
+                if stop:
+                    progress.close()
+                    raise StopRequested(f"stopped by {checkpointing.stop.requested} in stage {stage.name!r} "
+                                        f"after step {step + 1}")
         progress.close()
         seconds = time.perf_counter() - started
         self.method.after_domain(state)

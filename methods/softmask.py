@@ -89,7 +89,8 @@ class SoftMask(Method):
 
     def before_domain(self, stage) -> None:
         s = self.settings
-        if stage.stage_index == 0 and s.general_importance:
+        already = any(name == "general" for name, *_ in self.history)  # resumed inside the first stage
+        if stage.stage_index == 0 and s.general_importance and not already:
             raw = self._importance(stage, general=True)
             self._record("general", raw)
         self._scales = []

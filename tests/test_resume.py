@@ -1,0 +1,212 @@
+"""Resume: a run interrupted anywhere (mid-stage, between DAP and evaluation, mid-fine-tune, SIGKILL, SIGTERM)
+and run again ends with the same result as an uninterrupted run (CPU, fixed seed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from cpt_bench.checkpoint import load_state, save_state
+
+
+class Crash(BaseException):
+    """Stands in for a kill: not an Exception, so nothing in the run catches it."""
+
+
+# what must be equal after a resume: everything measured
+COMPARED = ("matrix", "base", "metrics", "probes", "perplexity", "method_config", "domains", "matrix_rows")
+
+
+def _result(out: Path) -> dict:
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def _run(tiny_suite, out: Path, method: str, *extra: str):
+    return run_cli("run", "--method", method, "--suite", str(tiny_suite), "--output", str(out), "--quiet",
+                   "--checkpoint-every", "2", *extra)
+
+
+def _crash_at_batch(monkeypatch, number: int) -> None:
+    """Crash when the trainer draws DAP batch `number` (counted over the whole run, from 1)."""
+    import cpt_bench.trainer as trainer
+
+    original, drawn = trainer._endless, [0]
+
+    def endless(loader):
+        for batch in original(loader):
+            drawn[0] += 1
+            if drawn[0] == number:
+                raise Crash(f"batch {number}")
+            yield batch
+
+    monkeypatch.setattr(trainer, "_endless", endless)
+
+
+def _crash_at_finetune(monkeypatch, number: int) -> None:
+    """Crash inside fine-tune number `number` of the run (base scores come from the cache)."""
+    from cpt_bench.evaluator import EndTaskEvaluator
+
+    original, calls = EndTaskEvaluator.evaluate, [0]
+
+    def evaluate(self, lm, task, seed):
+        calls[0] += 1
+        if calls[0] == number:
+            raise Crash(f"fine-tune {number}")
+        return original(self, lm, task, seed)
+
+    monkeypatch.setattr(EndTaskEvaluator, "evaluate", evaluate)
+
+
+def _assert_same(resumed: dict, reference: dict) -> None:
+    for key in COMPARED:
+        assert resumed[key] == reference[key], key
+    for got, want in zip(resumed["stages"], reference["stages"]):
+        assert (got["loss_curve"], got["tokens"], got["steps"]) == (want["loss_curve"], want["tokens"], want["steps"])
+
+
+@pytest.fixture
+def reference_runs(tiny_suite, tmp_path):
+    """Uninterrupted result per method (computed once per test)."""
+    cache = {}
+
+    def get(method: str) -> dict:
+        if method not in cache:
+            out = tmp_path / f"reference-{method}"
+            result = _run(tiny_suite, out, method)
+            assert result.exit_code == 0, result.output
+            cache[method] = _result(out)
+            assert not (out / ".work").exists() or not any((out / ".work").iterdir())  # removed when done
+        return cache[method]
+
+    return get
+
+
+METHODS = ["naive", "softmask", "ewc", "kd", "derpp", "adapter", "lora", "demix", "one", "joint"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_crash_inside_a_stage_then_resume_gives_the_same_result(method, tiny_suite, tmp_path, monkeypatch,
+                                                                  reference_runs):
+    reference = reference_runs(method)
+    out = tmp_path / "crashed"
+    # the tiny suite trains 4 steps per domain; checkpoints every 2 steps. Batch 7 is drawn for step 3 of the
+    # second stage (joint: step 7 of its one 8-step stage): the run loses step 3 and resumes from step 2
+    _crash_at_batch(monkeypatch, 7)
+    with pytest.raises(Crash):
+        _run(tiny_suite, out, method)
+    assert not list(out.glob("*.json")), "a crashed run left a result file"
+    monkeypatch.undo()
+    resumed = _run(tiny_suite, out, method)
+    assert resumed.exit_code == 0, resumed.output
+    _assert_same(_result(out), reference)
+
+
+@pytest.mark.parametrize("method, crash", [("naive", "after_first_dap"), ("naive", "mid_finetune"),
+                                           ("naive", "second_row"), ("softmask", "after_first_dap"),
+                                           ("demix", "mid_finetune")])
+def test_crash_between_training_and_evaluation_then_resume(method, crash, tiny_suite, tmp_path, monkeypatch,
+                                                           reference_runs):
+    reference = reference_runs(method)
+    out = tmp_path / "crashed"
+    if crash == "after_first_dap":
+        _crash_at_finetune(monkeypatch, 1)  # stage 1 trained and checkpointed, nothing evaluated
+    elif crash == "mid_finetune":
+        _crash_at_finetune(monkeypatch, 2)  # first end task scored (kept in progress.json), probe not yet
+    else:
+        _crash_at_finetune(monkeypatch, 5)  # inside the second row
+    with pytest.raises(Crash):
+        _run(tiny_suite, out, method)
+    monkeypatch.undo()
+    resumed = _run(tiny_suite, out, method)
+    assert resumed.exit_code == 0, resumed.output
+    _assert_same(_result(out), reference)
+
+
+def test_fresh_ignores_the_checkpoints(tiny_suite, tmp_path, monkeypatch, reference_runs):
+    reference = reference_runs("naive")
+    out = tmp_path / "crashed"
+    _crash_at_batch(monkeypatch, 6)
+    with pytest.raises(Crash):
+        _run(tiny_suite, out, "naive")
+    assert list((out / ".work").glob("*/ckpt-*"))
+    monkeypatch.undo()
+    result = _run(tiny_suite, out, "naive", "--fresh")
+    assert result.exit_code == 0 and "resuming" not in result.output
+    _assert_same(_result(out), reference)
+
+
+def test_only_the_newest_checkpoint_is_kept(tiny_suite, tmp_path, monkeypatch):
+    out = tmp_path / "crashed"
+    _crash_at_batch(monkeypatch, 8)
+    with pytest.raises(Crash):
+        _run(tiny_suite, out, "naive")
+    (work,) = (out / ".work").iterdir()
+    assert sorted(p.name for p in work.glob("ckpt-*")) == ["ckpt-1-2"]
+
+
+def test_checkpoint_state_round_trips_without_pickle(tmp_path):
+    state = {"model": {"w": torch.randn(3, 2), "tied": None}, "optimizer": {"state": {0: {"step": torch.tensor(3.0)}},
+                                                                         "param_groups": [{"params": [0],
+                                                                                           "betas": (0.9, 0.99)}]},
+             "history": [("general", {"head": torch.ones(2, 4)})], "note": "x", "n": 3, "f": 0.5}
+    weight = torch.randn(4, 4)
+    state["model"]["tied"] = weight
+    state["model"]["tied_again"] = weight  # shared storage (tied embeddings) saves too
+    save_state(state, tmp_path / "ckpt")
+    assert not list((tmp_path / "ckpt").glob("*.pt")) and not list((tmp_path / "ckpt").glob("*.pkl"))
+    loaded = load_state(tmp_path / "ckpt")
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert torch.equal(loaded["model"]["tied_again"], weight)
+    assert loaded["optimizer"]["state"][0]["step"].item() == 3.0  # int keys stay ints
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    name, tensors = loaded["history"][0]
+    assert name == "general" and torch.equal(tensors["head"], torch.ones(2, 4))
+    assert (loaded["note"], loaded["n"], loaded["f"]) == ("x", 3, 0.5)
+
+
+# ---------------------------------------------------------------- real signals, real processes
+
+def _cli(tiny_suite, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cpt_bench", "run", "--method", "softmask", "--suite", str(tiny_suite),
+            "--output", str(out), "--quiet", "--checkpoint-every", "1", "--steps", "12", *extra]
+
+
+def _wait_for_checkpoint(process, out: Path, pattern: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((out / ".work").glob(f"*/{pattern}")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_process_resumes_to_the_same_result(how, tiny_suite, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference_out = tmp_path / "reference"
+    subprocess.run(_cli(tiny_suite, reference_out), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    process = subprocess.Popen(_cli(tiny_suite, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    _wait_for_checkpoint(process, out, "ckpt-1-*")  # inside the second stage
+    process.send_signal(getattr(signal, how))
+    _, stderr = process.communicate(timeout=120)
+    assert not list(out.glob("*.json"))
+    if how == "SIGTERM":  # finishes its step, saves, says how to resume
+        assert process.returncode == 130, stderr
+        assert "Run the same command again to resume" in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL
+    resumed = subprocess.run(_cli(tiny_suite, out), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    _assert_same(_result(out), _result(reference_out))
