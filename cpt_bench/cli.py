@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cpt_bench.errors import BadInput
+from cpt_bench.errors import BadInput, TrainingFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark continual pre-training (domain-adaptive MLM) of language models.")
@@ -26,6 +26,9 @@ def exits_2_on_bad_input(fn):
         except BadInput as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
+        except TrainingFailed as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

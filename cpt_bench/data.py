@@ -259,6 +259,15 @@ def encode_split(tokenizer, split: EndTaskSplit, max_length: int, template: str 
     return batch
 
 
+def count_truncated(tokenizer, split: EndTaskSplit, max_length: int) -> int:
+    """How many examples of a split are longer than `max_length` tokens (so lose their end to truncation)."""
+    if split.text_pairs is not None:
+        encoded = tokenizer(split.text_pairs, split.texts, truncation=False)
+    else:
+        encoded = tokenizer(split.texts, truncation=False)
+    return sum(len(ids) > max_length for ids in encoded["input_ids"])
+
+
 # ---------------------------------------------------------------- MLM blocks
 
 def tokenizer_fingerprint(tokenizer) -> str:

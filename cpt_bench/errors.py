@@ -6,3 +6,11 @@ class BadInput(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class TrainingFailed(Exception):
+    """A run that cannot produce a trustworthy number (non-finite loss, weights that never moved): one line, exit 1,
+    no result file."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

@@ -7,13 +7,14 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cpt_bench.data import EndTaskData, encode_split
+from cpt_bench.data import EndTaskData, count_truncated, encode_split
 from cpt_bench.errors import BadInput
 from cpt_bench.models import encoder, mlm_head
 from cpt_bench.settings import FinetuneSettings, build
@@ -122,6 +123,7 @@ class EndTaskEvaluator:
         self.settings = settings
         self.show_progress = show_progress and accelerator.is_local_main_process
         self._encoded: dict[tuple[str, str, int], dict[str, torch.Tensor]] = {}
+        self.truncated: dict[str, dict[str, int]] = {}  # task -> split -> examples cut to max_length
 
     def _split(self, task: EndTaskData, which: str, max_length: int) -> dict[str, torch.Tensor] | None:
         split = getattr(task, which)
@@ -130,6 +132,12 @@ class EndTaskEvaluator:
         key = (task.name, which, max_length)
         if key not in self._encoded:
             self._encoded[key] = encode_split(self.tokenizer, split, max_length, task.template)
+            if task.template is None:  # a prompt that loses its mask to truncation is refused in encode_split
+                cut = count_truncated(self.tokenizer, split, max_length)
+                self.truncated.setdefault(task.name, {})[which] = cut
+                if cut:
+                    print(f"end task {task.name} {which}: {cut} of {len(split.labels)} examples are longer than "
+                          f"{max_length} tokens and were truncated", file=sys.stderr, flush=True)
         return self._encoded[key]
 
     def classifier(self, lm: nn.Module, task: EndTaskData) -> nn.Module:

@@ -364,7 +364,8 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
         "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune), "eval": request.eval,
                      "limit": request.limit,
                      "end_tasks": {t.name: {"evaluator": EVALUATOR_NAMES[t.evaluator],
-                                            "finetune_overrides": t.finetune_overrides}
+                                            "finetune_overrides": t.finetune_overrides,
+                                            "truncated_examples": evaluator.truncated.get(t.name, {})}
                                    for t in plan.data.tasks + plan.data.probes}},
         "provenance": {
             "git_commit": git_commit(), "versions": versions(), "started": started.isoformat(),

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from cpt_bench.checkpoint import StopRequested, rng_state, set_rng_state
 from cpt_bench.data import MaskingCollator
-from cpt_bench.errors import BadInput
+from cpt_bench.errors import BadInput, TrainingFailed
 from cpt_bench.models import mlm_loss
 from cpt_bench.plugin import Method, Stage
 from cpt_bench.settings import DapSettings
@@ -67,6 +67,7 @@ class StageRecord:
     loss_last: float
     loss_curve: list[float]
     loss_terms: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # total and every logged term
+    skipped_steps: int = 0  # optimizer steps that fp16 loss scaling skipped (non-finite gradients)
 
 
 def progress_interval() -> float:
@@ -164,11 +165,13 @@ class DapTrainer:
                         disable=not self.show_progress, dynamic_ncols=True, leave=False,
                         mininterval=progress_interval())
         started = time.perf_counter() - (float(resume["seconds"]) if resume else 0.0)
+        skipped = int(resume.get("skipped", 0)) if resume else 0
+        before = _fingerprints(parameters)
 
         def training_state(step_done: int) -> dict[str, Any]:
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step_done,
-                    "losses": losses, "terms": term_history, "tokens": tokens,
+                    "losses": losses, "terms": term_history, "tokens": tokens, "skipped": skipped,
                     "seconds": time.perf_counter() - started}
 
         for step in range(first_step, total_steps):
@@ -181,14 +184,23 @@ class DapTrainer:
                 accelerator.backward(loss)
                 step_loss += loss.detach().float().item()
                 tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"non-finite loss in stage {stage.name!r} at step {step + 1}")
             if accelerator.scaler is not None:  # fp16: methods and clipping see true gradient values
                 accelerator.unscale_gradients()
             self.method.after_backward(state)
-            if s.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, s.max_grad_norm)
+            # max_norm inf: the norm without clipping (a non-finite gradient must be seen either way)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
+            finite = torch.tensor([math.isfinite(step_loss) and bool(torch.isfinite(norm))], dtype=torch.float32,
+                                  device=accelerator.device)
+            if accelerator.num_processes > 1:  # every process takes the same decision
+                finite = accelerator.reduce(finite, reduction="mean")
+            if float(finite) < 1.0 and accelerator.scaler is None:
+                what = "loss" if not math.isfinite(step_loss) else "gradient"
+                raise TrainingFailed(f"non-finite {what} in stage {stage.name!r} at step {step + 1} (lower dap.lr, "
+                                     f"or use dap.precision=fp16 to skip such steps); the run's last checkpoint "
+                                     f"is kept")
             optimizer.step()
+            if accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skipped a non-finite step
+                skipped += 1
             self.method.after_optimizer_step(state)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -210,6 +222,10 @@ class DapTrainer:
                                         f"after step {step + 1}")
         progress.close()
         seconds = time.perf_counter() - started
+        if first_step < total_steps and parameters and _fingerprints(parameters) == before:
+            raise TrainingFailed(f"stage {stage.name!r}: none of the {len(parameters)} parameters that method "
+                                 f"{self.method.name} trains changed in {total_steps - first_step} steps (learning "
+                                 f"rate too small for the weights' precision, or every step skipped)")
         self.method.after_domain(state)
         accelerator.free_memory()
         mlm = term_history.get("mlm", losses)
@@ -220,7 +236,14 @@ class DapTrainer:
                            loss_first=float(sum(mlm[:window]) / window),
                            loss_last=float(sum(mlm[-window:]) / window),
                            loss_curve=_curve(mlm, points=50),
-                           loss_terms={name: _curve(values, points=50) for name, values in term_history.items()})
+                           loss_terms={name: _curve(values, points=50) for name, values in term_history.items()},
+                           skipped_steps=skipped)
+
+
+def _fingerprints(parameters: list[nn.Parameter]) -> list[tuple[float, float]]:
+    """(sum, sum of squares) per parameter in float64: cheap, and equal before and after only if it never moved."""
+    with torch.no_grad():
+        return [(float(p.double().sum()), float(p.double().square().sum())) for p in parameters]
 
 
 def _endless(loader):

@@ -140,3 +140,38 @@ def test_a_broken_plugin_file_does_not_take_other_methods_down(tmp_path, monkeyp
         plugin.method_class("nosuchmethod")
     listed = run_cli("list", "methods")
     assert listed.exit_code == 0 and "naive" in listed.output and "halfwritten" in listed.output
+
+
+def test_data_file_that_is_not_utf8(tiny_suite, tmp_path):
+    (tmp_path / "data" / "dogs" / "train.jsonl").write_bytes(b'{"text": "caf\xe9 dogs", "label": "pos"}\n')
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "dogs/train.jsonl",
+                      "UTF-8")
+
+
+def test_malformed_json_line_names_file_and_line(tiny_suite, tmp_path):
+    train = tmp_path / "data" / "cats" / "train.jsonl"
+    train.write_text(train.read_text() + '{"text": "the cats", "label": \n')
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "cats/train.jsonl",
+                      "line 25")
+
+
+def test_blank_lines_are_skipped_and_line_numbers_stay_true(tiny_suite, tmp_path):
+    train = tmp_path / "data" / "cats" / "train.jsonl"
+    train.write_text("\n\n" + train.read_text().replace("\n", "\n\n", 3)
+                     + json.dumps({"text": "the cats was purr .", "label": "meh"}) + "\n")
+    # 24 rows + 2 leading blank lines + 3 inner blank lines: the bad row is line 30 of the file
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(tiny_suite)], "'meh'",
+                      "cats/train.jsonl line 30")
+
+
+def test_texts_longer_than_max_length_are_truncated_counted_and_reported(tiny_suite, tmp_path):
+    test = tmp_path / "data" / "cats" / "test.jsonl"
+    long_text = "the cats was " + " and ".join(["purr"] * 40) + " ."  # > 16 tokens (finetune.max_length)
+    test.write_text(test.read_text() + json.dumps({"text": long_text, "label": "pos"}) + "\n")
+    out = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--output", str(tmp_path / "runs"),
+                  "--eval", "final", "--quiet")
+    assert out.exit_code == 0, out.output
+    assert "end task cats test: 1 of 13 examples are longer than 16 tokens" in out.output
+    result = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert result["settings"]["end_tasks"]["cats"]["truncated_examples"]["test"] == 1
+    assert result["settings"]["end_tasks"]["dogs"]["truncated_examples"]["test"] == 0

@@ -210,3 +210,37 @@ def test_killed_process_resumes_to_the_same_result(how, tiny_suite, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     _assert_same(_result(out), _result(reference_out))
+
+
+# ---------------------------------------------------------------- never publish a broken number
+
+def test_non_finite_loss_stops_with_domain_and_step_and_keeps_the_checkpoint(tiny_suite, tmp_path, monkeypatch):
+    import cpt_bench.trainer as trainer
+
+    original, calls = trainer.MaskedLMObjective.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        calls[0] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls[0] == 6 else loss  # step 2 of the second stage
+
+    monkeypatch.setattr(trainer.MaskedLMObjective, "forward", forward)
+    out = tmp_path / "runs"
+    result = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--output", str(out), "--quiet",
+                     "--checkpoint-every", "1")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "non-finite loss in stage 'dogs' at step 2" in lines[0]
+    assert not list(out.glob("*.json"))
+    assert [p.name for p in out.glob(".work/*/ckpt-*")] == ["ckpt-1-1"]  # the last good step
+
+
+def test_a_stage_that_never_moves_the_weights_is_an_error(tiny_suite, tmp_path, monkeypatch):
+    # what a run whose every step is skipped looks like (the public code's fp16 runs on NaN)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+    out = tmp_path / "runs"
+    result = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--output", str(out), "--quiet")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "stage 'cats': none of the" in lines[0] and "changed in 4 steps" in lines[0]
+    assert not list(out.glob("*.json"))
