@@ -76,6 +76,8 @@ def run(
                                                        "(0: at stage ends only)")] = 500,
     fresh: Annotated[bool, typer.Option(help="start over: delete this run's checkpoints instead of resuming")
                      ] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="allow a model checkpoint to run its own Python code "
+                                                         "(off: such a model is refused)")] = False,
 ) -> None:
     """Continual DAP over a suite's domains, end-task evaluation, one result file per seed.
 
@@ -92,7 +94,7 @@ def run(
         order=[d.strip() for d in order.split(",")] if order is not None else None,
         seeds=seed or [0], model=model, data_dir=data_dir, steps=steps, output=output, device=device,
         eval=eval, limit=limit, sets=set_ or [], show_progress=not quiet,
-        checkpoint_every=checkpoint_every, fresh=fresh,
+        checkpoint_every=checkpoint_every, fresh=fresh, trust_remote_code=trust_remote_code,
     )
     if checkpoint_every < 0:
         raise BadInput(f"--checkpoint-every must be 0 or positive, got {checkpoint_every}")

@@ -47,8 +47,10 @@ def resolve_model_dir(name: str) -> str:
     return name
 
 
-def load_masked_lm(name: str):
-    """(model, tokenizer) for a hub id, a local directory or an alias; a one-line BadInput otherwise."""
+def load_masked_lm(name: str, trust_remote_code: bool = False):
+    """(model, tokenizer) for a hub id, a local directory or an alias; a one-line BadInput otherwise.
+
+    A checkpoint's own Python code (`trust_remote_code`) runs only when the user asked for it."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -64,13 +66,15 @@ def load_masked_lm(name: str):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised head" warnings are expected for encoder-only weights
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if is_local else location)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if is_local else location,
+                                                  trust_remote_code=trust_remote_code)
         # weights the checkpoint lacks (e.g. an MLM head) are drawn from a fixed seed: every run and every
         # method starts from the same model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model, loading = AutoModelForMaskedLM.from_pretrained(str(path) if is_local else location,
-                                                                  output_loading_info=True)
+                                                                  output_loading_info=True,
+                                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
         if is_local:
             raise BadInput(f"model {name!r}: cannot load {path} ({str(error).splitlines()[0][:160]})") from None

@@ -48,6 +48,7 @@ class RunRequest:
     checkpoint_every: int = 500  # optimizer steps between mid-stage checkpoints (0: stage ends only)
     fresh: bool = False  # ignore (and delete) the run's checkpoints
     resume: bool = True  # False: no work directory at all (nothing saved, nothing resumed)
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (only on the user's explicit flag)
 
 
 @dataclasses.dataclass
@@ -108,7 +109,7 @@ def plan_run(request: RunRequest) -> RunPlan:
     plan.data = LoadedData(plan)  # data problems surface before the (possibly slow) model load
     for task in plan.data.tasks + plan.data.probes:  # the command line beats a task's own settings in the suite
         task.finetune_overrides = {k: v for k, v in task.finetune_overrides.items() if k not in finetune_keys_from_cli}
-    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name)
+    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name, request.trust_remote_code)
     plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
     for task in plan.data.tasks + plan.data.probes:

@@ -175,3 +175,27 @@ def test_texts_longer_than_max_length_are_truncated_counted_and_reported(tiny_su
     result = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert result["settings"]["end_tasks"]["cats"]["truncated_examples"]["test"] == 1
     assert result["settings"]["end_tasks"]["dogs"]["truncated_examples"]["test"] == 0
+
+
+def test_a_checkpoints_own_code_never_runs_without_the_flag(tiny_model_dir, tmp_path):
+    import shutil
+
+    from cpt_bench.errors import BadInput
+    from cpt_bench.models import load_masked_lm
+
+    model_dir = tmp_path / "with-code"
+    shutil.copytree(tiny_model_dir, model_dir)
+    marker = tmp_path / "code-ran"
+    (model_dir / "modeling_custom.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import BertForMaskedLM as CustomForMaskedLM\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForMaskedLM": "modeling_custom.CustomForMaskedLM"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    try:
+        model, _ = load_masked_lm(str(model_dir))
+        assert type(model).__module__.startswith("transformers.")  # the library's own class
+    except BadInput:
+        pass  # refused: just as good
+    assert not marker.exists(), "the checkpoint's code ran without --trust-remote-code"
+
