@@ -3,7 +3,10 @@ Disentangling Domains for Modular Language Modeling").
 
 Every layer's feed-forward block (FFN input and output dense) becomes a set of experts, one per domain;
 attention, embeddings, LayerNorms and the MLM head are shared. DAP of domain j routes every token to expert j
-alone (DEMix's training routes by domain label), trained with the shared parameters (`shared_parameters`).
+alone (DEMix's training routes by domain label). By default only that expert trains and everything shared is
+frozen: DEMix adds a domain by training its new expert with the rest of the model fixed (DEMix-DAPT), which is
+what lets it "add experts to incorporate new domains without forgetting older ones" (the paper's abstract).
+`shared_parameters=train` trains the shared parameters too (then older domains forget through them).
 A new domain's expert starts as a copy of the existing expert with the lowest MLM loss on a sample of the new
 domain (DEMix's adaptation to a new domain). The original FFN stays as a frozen expert named "original": it is
 the first domain's only candidate and a candidate later on. Earlier experts' weights never change afterwards;
@@ -39,7 +42,7 @@ ORIGINAL = "original"
 
 @dataclasses.dataclass
 class DemixSettings:
-    shared_parameters: Literal["train", "freeze"] = "train"  # attention, embeddings, LayerNorms, MLM head
+    shared_parameters: Literal["train", "freeze"] = "freeze"  # attention, embeddings, LayerNorms, MLM head
     inference: Literal["posterior", "own"] = "posterior"  # end-task mixture: domain posterior or own expert
     init_batches: int = 4  # batches of the new domain on which the candidate experts' MLM losses are compared
     posterior_samples: int = 100  # end-task texts the cached domain posterior is estimated on

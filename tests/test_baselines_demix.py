@@ -61,7 +61,7 @@ def _logits(model, batch):
 def _stage_state(tiny, domain: str, index: int):
     return SimpleNamespace(stage=Stage(domain, [domain]), stage_index=index, model=tiny.model,
                            accelerator=tiny.accelerator, tokenizer=tiny.tokenizer, blocks=tiny.blocks[domain],
-                           settings=DapSettings(batch_size=4, seq_len=16), seed=0)
+                           settings=DapSettings(batch_size=4, seq_len=16), seed=0, resumed=False)
 
 
 def _train(tiny, method, domain: str, index: int, steps: int = 4) -> None:
