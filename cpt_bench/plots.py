@@ -123,13 +123,15 @@ def slug(text: str) -> str:
 
 
 def write_plots(groups: list[Group], folder: Path) -> list[Path]:
-    """One PNG per (row, plot) into `folder`; returns the paths."""
+    """One PNG per (row, plot) into `folder` (each written atomically); returns the paths."""
+    from cpt_bench.results import write_bytes_atomic
+
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for group in groups:
         name = slug("__".join(p for p in (group.suite, group.method, group.config, group.model) if p))
         for kind, data in group_figures(group).items():
             path = folder / f"{name}__{kind}.png"
-            path.write_bytes(data)
+            write_bytes_atomic(path, data)
             written.append(path)
     return written
