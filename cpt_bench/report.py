@@ -30,7 +30,9 @@ def find_result_files(paths: list[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*.json") if not p.name.startswith(".")))
+            # hidden names are skipped: temp files and the `.work` folders of unfinished runs (checkpoints)
+            files.extend(sorted(p for p in path.rglob("*.json")
+                                if not any(part.startswith(".") for part in p.relative_to(path).parts)))
         elif path.is_file():
             files.append(path)
         else:

@@ -105,6 +105,15 @@ def test_files_and_folders_can_be_mixed(runs, tmp_path):
     assert row["final MF1"] == "0.600 ± 0.100"
 
 
+def test_unfinished_runs_work_folders_are_not_read(runs):
+    work = runs / ".work" / "synthetic__naive__x__seed5__abc" / "ckpt-0-10"
+    work.mkdir(parents=True)
+    (work / "state.json").write_text('{"__dict__": []}')
+    assert _ok(str(runs)) == _ok(str(runs))  # no error about the checkpoint's JSON
+    row = find_row(markdown_rows(_ok(str(runs))), method="naive")
+    assert "5" not in row["seeds"]
+
+
 def test_seeds_sort_numerically(tmp_path):
     folder = tmp_path / "runs"
     for seed in (10, 2, 1):
