@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cpt_bench.checkpoint import StopRequested
 from cpt_bench.data import EndTaskData, count_truncated, encode_split
 from cpt_bench.errors import BadInput
 from cpt_bench.models import encoder, mlm_head
@@ -124,6 +125,7 @@ class EndTaskEvaluator:
         self.show_progress = show_progress and accelerator.is_local_main_process
         self._encoded: dict[tuple[str, str, int], dict[str, torch.Tensor]] = {}
         self.truncated: dict[str, dict[str, int]] = {}  # task -> split -> examples cut to max_length
+        self.stop = None  # a checkpoint.StopSignal: a fine-tune is abandoned (and redone on resume) when it fires
 
     def _split(self, task: EndTaskData, which: str, max_length: int) -> dict[str, torch.Tensor] | None:
         split = getattr(task, which)
@@ -186,6 +188,10 @@ class EndTaskEvaluator:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress.update(1)
+                if self.stop is not None and self.stop.requested:
+                    progress.close()
+                    raise StopRequested(f"stopped by {self.stop.requested} while fine-tuning {task.name} (its "
+                                        f"fine-tune starts over on resume; finished ones are kept)")
             if dev is not None:
                 dev_f1 = self._scores(model, dev, task)["macro_f1"]
                 if dev_f1 > best_dev:  # earliest best epoch wins ties

@@ -232,6 +232,7 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
         work.clear()
     checkpoint = work.latest()  # (stage, step, state) of the newest checkpoint, or None
     stop = stop_signal or StopSignal()
+    evaluator.stop = stop
     base_scores = cached_base_scores(plan, data, model, evaluator, seed)
     set_seed(seed)
 
