@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -155,6 +156,7 @@ class EndTaskEvaluator:
         return test scores."""
         s = task_settings(self.settings, task)
         device = self.accelerator.device
+        started = time.perf_counter()
         torch.manual_seed(seed)
         model = self.classifier(lm, task).to(device)
         train = self._split(task, "train", s.max_length)
@@ -200,7 +202,7 @@ class EndTaskEvaluator:
         progress.close()
         if best_state is not None:
             model.load_state_dict(best_state)
-        return self._scores(model, test, task)
+        return {**self._scores(model, test, task), "seconds": round(time.perf_counter() - started, 3)}
 
     @torch.no_grad()
     def _scores(self, model: nn.Module, split: dict[str, torch.Tensor], task: EndTaskData) -> dict[str, float]:

@@ -246,7 +246,8 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
                "perplexity": {"corpora": perplexity_corpora, "blocks": plan.suite.perplexity.blocks,
                               "base": [heldout_perplexity(plan, data, model, c, accelerator)
                                        for c in perplexity_corpora], "stages": []},
-               "stage_records": [], "learned": [], "started": started.isoformat(), "wall_before": 0.0}
+               "stage_records": [], "learned": [], "started": started.isoformat(), "wall_before": 0.0,
+               "finetune_seconds": {"matrix": [], "probes": {p.name: [] for p in data.probes}}}
     else:
         run = checkpoint[2]["run"]
         method.load_state_dict(checkpoint[2]["method"])  # before on_sequence_start: it rebuilds modules
@@ -316,11 +317,13 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
 
         row_f1: list[float | None] = [None] * columns
         row_acc: list[float | None] = [None] * columns
+        row_seconds: list[float | None] = [None] * columns
         for column in method.end_tasks_after_stage(index, scheduled):
             task = data.tasks[column]
             scores = measured(f"task:{task.name}", lambda: evaluator.evaluate(
                 method.end_task_lm(model, column), task, finetune_seed(seed, task.name)))
             row_f1[column], row_acc[column] = scores["macro_f1"], scores["accuracy"]
+            row_seconds[column] = scores.get("seconds")
         probe_scores = [measured(f"probe:{probe.name}", lambda: evaluator.evaluate(
             method.probe_lm(model), probe, finetune_seed(seed, probe.name))) for probe in data.probes]
         # a learned domain is scored with the LM the method fine-tunes for it, anything else with its general LM
@@ -330,8 +333,10 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
             for c in perplexity_corpora])
         matrices["macro_f1"].append(row_f1)
         matrices["accuracy"].append(row_acc)
+        run["finetune_seconds"]["matrix"].append(row_seconds)
         for probe, scores in zip(data.probes, probe_scores):
             probes[probe.name]["stages"].append(scores["macro_f1"])
+            run["finetune_seconds"]["probes"][probe.name].append(scores.get("seconds"))
         perplexity["stages"].append(perplexity_row)
         if index < len(stages) - 1:  # the row is complete: the next stage starts from this checkpoint
             work.save_checkpoint(index, stage_records[-1]["steps"], {
@@ -360,6 +365,8 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
         "probes": probes,
         "perplexity": perplexity,
         "stages": stage_records,
+        "finetune_seconds": {**run["finetune_seconds"],  # wall seconds of each fine-tune (same layout as matrix)
+                             "base": [base_scores["tasks"][t.name].get("seconds") for t in data.tasks]},
         "wall_seconds": round(run["wall_before"] + time.perf_counter() - segment_started, 3),
         "overhead": method.overhead(model),
         "method_summary": method.summary(),

@@ -91,7 +91,7 @@ def test_one_starts_every_domain_from_the_original_weights(tiny_model_dir):
         pass
 
     stage = Stage()
-    stage.model = model
+    stage.model, stage.resumed = model, False
     method.before_domain(stage)
     for name, value in model.state_dict().items():
         assert torch.equal(value, original[name]), name
