@@ -230,7 +230,11 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
                    enabled=request.resume and accelerator.num_processes == 1)
     if request.fresh:
         work.clear()
-    checkpoint = work.latest()  # (stage, step, state) of the newest checkpoint, or None
+    try:
+        checkpoint = work.latest()  # (stage, step, state) of the newest checkpoint, or None
+    except Exception as error:  # noqa: BLE001 - any damage or format change of the saved files
+        raise BadInput(f"cannot read the checkpoint in {work.path} ({type(error).__name__}: {error}); "
+                       f"run with --fresh to start over") from None
     stop = stop_signal or StopSignal()
     evaluator.stop = stop
     base_scores = cached_base_scores(plan, data, model, evaluator, seed)
@@ -250,7 +254,11 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
                "finetune_seconds": {"matrix": [], "probes": {p.name: [] for p in data.probes}}}
     else:
         run = checkpoint[2]["run"]
-        method.load_state_dict(checkpoint[2]["method"])  # before on_sequence_start: it rebuilds modules
+        try:
+            method.load_state_dict(checkpoint[2]["method"])  # before on_sequence_start: it rebuilds modules
+        except Exception as error:  # noqa: BLE001 - a checkpoint of another version of the method
+            raise BadInput(f"the checkpoint in {work.path} does not fit method {method.name} "
+                           f"({type(error).__name__}: {error}); run with --fresh to start over") from None
         started = datetime.datetime.fromisoformat(run["started"])
         print(f"resuming {path.name} from stage {checkpoint[0] + 1} step {checkpoint[1]} "
               f"({work.path})", file=sys.stderr, flush=True)
