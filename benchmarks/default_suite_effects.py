@@ -4,6 +4,10 @@ Runs `cpt-bench run` for naive, one and base over seeds 0, 1, 2 (one process per
 wall time of a default naive run is measured as a user sees it), then writes the effects table:
 
     python benchmarks/default_suite_effects.py [--output results/default-suite]
+    python benchmarks/default_suite_effects.py --from-runs results/leaderboard/runs   # no new runs
+
+With `--from-runs DIR` it reads the base, naive and one result files of seeds 0, 1, 2 already in DIR (e.g.
+the leaderboard's) and takes the wall time from their `wall_seconds`.
 
 Effects (CONTRACT.md names): DAP helps = mean_j one.A[j][j] - base[j] (macro-F1), and per domain; naive
 forgets = metrics.forgetting_macro_f1 of naive; naive hurts general knowledge = probes.general.base - last
@@ -38,21 +42,30 @@ def run(method: str, seed: int, runs: Path) -> tuple[dict, float]:
     return json.loads(new[-1].read_text()), seconds
 
 
+def existing(method: str, seed: int, runs: Path) -> tuple[dict, float]:
+    found = sorted(runs.glob(f"synthetic__{method}__*__seed{seed}__*.json"), key=os.path.getmtime)
+    if not found:
+        raise SystemExit(f"no {method} seed {seed} result file in {runs}")
+    result = json.loads(found[-1].read_text())
+    return result, float(result["wall_seconds"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="results/default-suite")
+    parser.add_argument("--from-runs", default=None, help="read existing result files instead of running")
     args = parser.parse_args()
     out = Path(args.output)
-    runs = out / "runs"
+    runs = Path(args.from_runs) if args.from_runs else out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    # build the cached base model outside the timed runs (a first run pays it once)
-    subprocess.run([sys.executable, "-c", "from cpt_bench.synthetic import build_base_model; build_base_model()"],
-                   check=True)
+    if not args.from_runs:  # build the cached base model outside the timed runs (a first run pays it once)
+        subprocess.run([sys.executable, "-c",
+                        "from cpt_bench.synthetic import build_base_model; build_base_model()"], check=True)
     results: dict[str, dict[int, dict]] = {"naive": {}, "one": {}, "base": {}}
     naive_seconds = []
     for seed in SEEDS:
         for method in ("base", "naive", "one"):
-            result, seconds = run(method, seed, runs)
+            result, seconds = existing(method, seed, runs) if args.from_runs else run(method, seed, runs)
             results[method][seed] = result
             if method == "naive":
                 naive_seconds.append(seconds)
@@ -87,7 +100,8 @@ def main() -> None:
     ]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     lines = ["# What the default suite shows", "",
-             f"Measured by `python benchmarks/default_suite_effects.py` on {machine}; result files in `runs/`.", "",
+             f"Measured by `python benchmarks/default_suite_effects.py{' --from-runs ' + str(runs) if args.from_runs else ''}` "
+             f"on {machine}; result files in `{runs}`.", "",
              "| effect | definition | measured (mean over seeds 0, 1, 2) | required | met |",
              "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {'yes' if e else 'NO'} |" for a, b, c, d, e in rows]
