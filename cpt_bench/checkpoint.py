@@ -134,12 +134,13 @@ class StopRequested(Exception):
 class StopSignal:
     """Turns SIGINT/SIGTERM into a flag that the run checks between steps (a second signal stops at once)."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.requested: str | None = None
+        self.enabled = enabled  # off: the signals keep their default effect (multi-process runs stop at once)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) if self.enabled else ():
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside a test runner's worker): no handler

@@ -100,7 +100,8 @@ def run(
         raise BadInput(f"--checkpoint-every must be 0 or positive, got {checkpoint_every}")
     plan = plan_run(request)
     accelerator = make_accelerator(plan)
-    with StopSignal() as stop:
+    # several processes would not stop at the same step, and they are not checkpointed: signals act at once
+    with StopSignal(enabled=accelerator.num_processes == 1) as stop:
         for one_seed in request.seeds:
             try:
                 path, result, artifacts, work = execute(plan, one_seed, accelerator, stop)

@@ -277,7 +277,6 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
         method.observe_end_task(column, task.train.texts)
     resume_training = None
     if checkpoint is not None:
-        stage_done = len(stage_records)  # stages whose DAP is finished (the last may still await its row)
         if checkpoint[2]["kind"] == "mid_stage":
             resume_training = checkpoint[2]["training"]
         else:
