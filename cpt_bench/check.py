@@ -12,6 +12,7 @@ import yaml
 
 from cpt_bench.errors import BadInput
 from cpt_bench.report import general_retention, load_results
+from cpt_bench.results import configuration_settings
 
 TOLERANCE_FILE = "tolerances.yaml"
 
@@ -84,7 +85,7 @@ def configuration_key(result: dict[str, Any]) -> tuple:
     """Runs compare when suite, method, domain order, model and every setting agree (seeds may differ)."""
     return (result["suite"], result["method"], tuple(result["domains"]), result["model"],
             json.dumps(result.get("method_config") or {}, sort_keys=True),
-            json.dumps(result.get("settings") or {}, sort_keys=True))
+            json.dumps(configuration_settings(result), sort_keys=True))
 
 
 def describe(key: tuple) -> str:

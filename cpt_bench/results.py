@@ -64,12 +64,27 @@ def metrics_block(matrices: dict[str, list[list[float | None]]], base: dict[str,
 
 
 def git_commit() -> str:
+    """HEAD of the source tree, with "+dirty" when tracked files differ from it."""
+    where = Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=where, capture_output=True,
+                               timeout=5).returncode == 1
+        return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def configuration_settings(result: dict[str, Any]) -> dict[str, Any]:
+    """A result's `settings` without what was measured rather than chosen (result files written by earlier
+    versions kept per-task truncation counts there): what decides whether two runs are the same setup."""
+    settings = json.loads(json.dumps(result.get("settings") or {}))
+    for task in (settings.get("end_tasks") or {}).values():
+        if isinstance(task, dict):
+            task.pop("truncated_examples", None)
+    return settings
 
 
 def versions() -> dict[str, str]:

@@ -251,6 +251,7 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
                               "base": [heldout_perplexity(plan, data, model, c, accelerator)
                                        for c in perplexity_corpora], "stages": []},
                "stage_records": [], "learned": [], "started": started.isoformat(), "wall_before": 0.0,
+               "git_commit": git_commit(),  # the code the run started with (edits during a run do not count)
                "finetune_seconds": {"matrix": [], "probes": {p.name: [] for p in data.probes}}}
     else:
         run = checkpoint[2]["run"]
@@ -372,6 +373,7 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
         "probes": probes,
         "perplexity": perplexity,
         "stages": stage_records,
+        "truncated_examples": evaluator.truncated,  # task -> split -> examples longer than finetune.max_length
         "finetune_seconds": {**run["finetune_seconds"],  # wall seconds of each fine-tune (same layout as matrix)
                              "base": [base_scores["tasks"][t.name].get("seconds") for t in data.tasks]},
         "wall_seconds": round(run["wall_before"] + time.perf_counter() - segment_started, 3),
@@ -380,15 +382,16 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
         "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune), "eval": request.eval,
                      "limit": request.limit,
                      "end_tasks": {t.name: {"evaluator": EVALUATOR_NAMES[t.evaluator],
-                                            "finetune_overrides": t.finetune_overrides,
-                                            "truncated_examples": evaluator.truncated.get(t.name, {})}
+                                            "finetune_overrides": t.finetune_overrides}
                                    for t in plan.data.tasks + plan.data.probes}},
         "provenance": {
-            "git_commit": git_commit(), "versions": versions(), "started": started.isoformat(),
+            "git_commit": run["git_commit"], "versions": versions(), "started": started.isoformat(),
             "finished": finished.isoformat(), "device": describe_device(accelerator),
             "command": command_line(), "config_hash": path.stem.rsplit("__", 1)[-1],
         },
     }
+    if git_commit() != run["git_commit"]:  # the tree changed while the run ran, or between crash and resume
+        result["provenance"]["git_commit_at_finish"] = git_commit()
     return path, result, method.artifacts(), work
 
 

@@ -277,3 +277,20 @@ def test_result_file_missing_a_contract_key_is_bad_input(tmp_path):
     out = run_cli("report", str(tmp_path / "runs"))
     assert out.exit_code == 2 and "Traceback" not in out.output
     assert "metrics" in out.output
+
+
+def test_measured_truncation_counts_in_settings_do_not_split_a_configuration(tmp_path):
+    from cpt_bench.check import configuration_key
+
+    def settings(truncated):
+        task = {"evaluator": "head", "finetune_overrides": {}}
+        return {"dap": {"steps": 4}, "end_tasks": {"cats": {**task, **truncated}}}
+
+    runs = tmp_path / "runs"
+    older = result(seed=0, final_f1=0.5, settings=settings({"truncated_examples": {"test": 1}}))
+    newer = result(seed=1, final_f1=0.7, settings=settings({}))
+    write(runs, "a0.json", older)
+    write(runs, "a1.json", newer)
+    rows = markdown_rows(_ok(str(runs)))
+    assert len(rows) == 1 and rows[0]["seeds"] == "0,1"
+    assert configuration_key(older) == configuration_key(newer)
