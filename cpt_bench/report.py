@@ -86,7 +86,10 @@ def domain_finals(result: dict[str, Any], metric: str = "macro_f1") -> dict[str,
 
 def perplexity_forgetting(result: dict[str, Any]) -> float | None:
     """Mean over j < T-1 of P[T-1][j] - P[j][j]: how much a domain's held-out MLM perplexity rose after it was
-    learned (positive = forgetting). Needs a square run (stage i = domain i)."""
+    learned (positive = forgetting). Needs a continual square run (stage i = domain i); like the end-task
+    forgetting, it is undefined (None) for a run whose forgetting is null, such as `one`."""
+    if (result.get("metrics") or {}).get("forgetting_macro_f1") is None:
+        return None
     block = result.get("perplexity") or {}
     stages, corpora, domains = block.get("stages") or [], block.get("corpora") or [], result["domains"]
     if len(stages) != len(domains) or len(domains) < 2 or result.get("matrix_rows", domains) != domains:

@@ -35,7 +35,9 @@ def leaderboard(tmp_path) -> Path:
     for seed in (0, 1, 2):
         write(folder, f"naive{seed}.json", full_result("naive", seed, [0.2 + 0.01 * seed, 0.9], [0.8, 0.9]))
         write(folder, f"ewc{seed}.json", full_result("ewc", seed, [0.5 + 0.02 * seed, 0.85], [0.8, 0.85]))
-        write(folder, f"one{seed}.json", full_result("one", seed, [0.8, 0.9], [0.8, 0.9]))
+        one = full_result("one", seed, [0.8, 0.9], [0.8, 0.9])
+        one["metrics"]["forgetting_macro_f1"] = None  # one model per domain: nothing to forget
+        write(folder, f"one{seed}.json", one)
     return folder
 
 
@@ -68,6 +70,7 @@ def test_paper_table_domains_best_and_significance(leaderboard):
     assert rows["one"]["KT vs one"] == "—"
     # perplexity forgetting: P[T-1][cats] - P[0][cats] = seed
     assert rows["naive"]["ppl forgetting"] == "1.00 ± 1.00"
+    assert rows["one"]["ppl forgetting"] == "—"  # undefined where end-task forgetting is
     text = _ok(str(leaderboard))
     assert re.search(r"\|\s*\*\*0\.850 ± 0\.000 ▲\*\*\s*\|", text), "best final MF1 (one) is bold"
 
