@@ -173,8 +173,8 @@ def test_texts_longer_than_max_length_are_truncated_counted_and_reported(tiny_su
     assert out.exit_code == 0, out.output
     assert "end task cats test: 1 of 13 examples are longer than 16 tokens" in out.output
     result = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
-    assert result["settings"]["end_tasks"]["cats"]["truncated_examples"]["test"] == 1
-    assert result["settings"]["end_tasks"]["dogs"]["truncated_examples"]["test"] == 0
+    assert result["truncated_examples"]["cats"]["test"] == 1
+    assert result["truncated_examples"]["dogs"]["test"] == 0
 
 
 def test_a_checkpoints_own_code_never_runs_without_the_flag(tiny_model_dir, tmp_path):

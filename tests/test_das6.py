@@ -249,6 +249,10 @@ def test_bad_paper_row_is_one_line(tmp_path):
 def test_subset_order_runs_end_to_end_with_only_its_folders(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
     root = write_das6(tmp_path / "data", ["ai", "restaurant"])  # no acl, phone, pubmed, camera folders
+    for name in ("ai", "restaurant"):  # words the tiny model knows, or DAP masks only [UNK] and never moves it
+        corpus = root / name / "unlabeled.jsonl"
+        known = json.dumps({"text": "the cats was purr and the dogs was bark ."}) + "\n"
+        corpus.write_text(known * 8 + corpus.read_text())
     result = _run_das6(tmp_path, "--data-dir", str(root), "--order", "ai,restaurant",
                        "--model", str(tiny_model_dir), "--steps", "2", "--eval", "final",
                        "--set", "dap.seq_len=16", "--set", "dap.batch_size=4", "--set", "dap.grad_accum=1",
