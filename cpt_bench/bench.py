@@ -1,12 +1,12 @@
 """`cpt-bench bench`: side-by-side speed of a DAP step, measured in one run.
 
-Three kinds of step on the same model, batch, sequence length and data (the first domain's MLM blocks of a
-suite): `transformers.Trainer` with `DataCollatorForLanguageModeling` (full-vocabulary logits), our shared
-trainer running `naive`, and our trainer running `softmask` at a later stage (accumulated importance present:
-soft-masked updates and the contrastive loss on). Each measurement runs in a fresh process (so its peak memory
-is its own), the kinds alternate, and each is repeated; medians of the per-step times after a warm-up are
-compared. The importance pass after a softmask stage is timed too and expressed as a fraction of a stage of
-the suite's default length.
+Kinds of step on the same model, batch, sequence length and data (the first domain's MLM blocks of a suite):
+`transformers.Trainer` with `DataCollatorForLanguageModeling` (full-vocabulary logits), our shared trainer
+running `naive`, our trainer running `softmask` at a later stage (accumulated importance present: soft-masked
+updates and the contrastive loss on), and any variants asked for (`METHOD:block.key=value,...`). Each
+measurement runs in a fresh process (so its peak memory is its own), the kinds alternate, and each is repeated;
+medians of the per-step times after a warm-up are compared. The importance pass after a softmask stage is timed
+too and expressed as a fraction of a stage of the suite's default length.
 """
 
 from __future__ import annotations
@@ -37,14 +37,28 @@ class BenchRequest:
     steps: int = 20
     repeats: int = 3
     device: str = "auto"
+    sets: list[str] = dataclasses.field(default_factory=list)  # for every kind (e.g. dap.precision=bf16)
+    variants: list[str] = dataclasses.field(default_factory=list)  # extra kinds, "METHOD:block.key=value,..."
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (*KINDS, *self.variants)
 
 
-def plan_for(request: BenchRequest, method: str):
+def split_kind(kind: str) -> tuple[str, list[str]]:
+    """A kind's method and its own settings: "softmask:softmask.contrastive=false" -> ("softmask", [...])."""
+    method, _, sets = kind.partition(":")
+    return method, [item for item in sets.split(",") if item]
+
+
+def plan_for(request: BenchRequest, kind: str):
     from cpt_bench.runner import RunRequest, plan_run
 
+    method, own_sets = split_kind(kind)
     sets = [f"dap.batch_size={request.batch_size}"] if request.batch_size else []
     sets += [f"dap.seq_len={request.seq_len}"] if request.seq_len else []
-    return plan_run(RunRequest(method=method, suite=request.suite, model=request.model, sets=sets,
+    return plan_run(RunRequest(method="naive" if method == "hf_trainer" else method, suite=request.suite,
+                               model=request.model, sets=[*sets, *request.sets, *own_sets],
                                device=request.device, show_progress=False))
 
 
@@ -66,7 +80,7 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     from cpt_bench.runner import make_accelerator
     from cpt_bench.trainer import DapTrainer
 
-    plan = plan_for(request, "softmask" if kind == "softmask" else "naive")
+    plan = plan_for(request, kind)
     accelerator = make_accelerator(plan)
     domain = plan.domains[0]
     blocks = plan.data.blocks(domain, plan.dap.seq_len)
@@ -75,7 +89,7 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     tokens_per_step = settings.batch_size * settings.seq_len
     stamps: list[float] = []
     extra: dict[str, Any] = {}
-    if kind == "hf_trainer":
+    if split_kind(kind)[0] == "hf_trainer":
         stamps = _hf_trainer_steps(model, plan.tokenizer, blocks, settings, accelerator.device)
     else:
         method = plan.method_cls(plan.method_settings)
@@ -91,14 +105,15 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
         from cpt_bench.plugin import SequenceState
 
         method.on_sequence_start(SequenceState(model, plan.tokenizer, accelerator, plan.domains, 0))
-        if kind == "softmask":  # a later stage: an accumulated importance exists, so masking and contrast run
+        later_stage = hasattr(method, "accumulated")
+        if later_stage:  # softmask at a later stage: an accumulated importance exists, so masking and contrast run
             method.accumulated = {k: torch.rand(v.shape, generator=torch.Generator().manual_seed(0)).to(v.device)
                                   for k, v in method.units.zeros(accelerator.device).items()}
         trainer = DapTrainer(accelerator, plan.tokenizer, settings, method, seed=0, show_progress=False)
         started = time.perf_counter()
         trainer.train_stage(model, blocks, Stage(domain, [domain]), stage_index=1)
         finished = time.perf_counter()
-        if kind == "softmask":
+        if later_stage:
             extra["importance_seconds"] = finished - stamps[-1]  # after_domain: the domain's importance
             extra["suite_steps"] = plan.dap.steps
         extra["first_step_seconds"] = stamps[0] - started
@@ -128,7 +143,8 @@ def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]
             learning_rate=settings.lr, warmup_steps=int(settings.warmup * settings.steps), weight_decay=settings.weight_decay,
             max_grad_norm=settings.max_grad_norm, logging_steps=10 ** 9, save_strategy="no", report_to=[],
             disable_tqdm=True, use_cpu=device.type == "cpu", bf16=settings.precision == "bf16",
-            fp16=settings.precision == "fp16", dataloader_num_workers=0, seed=0)
+            fp16=settings.precision == "fp16", dataloader_num_workers=0, seed=0,
+            torch_compile=settings.compile)
         trainer = Trainer(model=model, args=arguments, train_dataset=blocks,
                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
                           callbacks=[StepClock()])
@@ -138,9 +154,9 @@ def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]
 
 def run_bench(request: BenchRequest, echo=print) -> dict[str, Any]:
     """Alternate the kinds, each in a fresh process, `repeats` times; medians and ratios."""
-    samples: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+    samples: dict[str, list[dict[str, Any]]] = {k: [] for k in request.kinds}
     for repeat in range(request.repeats):
-        for kind in KINDS:
+        for kind in request.kinds:
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
                 out = Path(handle.name)
             command = [sys.executable, "-m", "cpt_bench.bench", kind, str(out), json.dumps(dataclasses.asdict(request))]
@@ -150,7 +166,7 @@ def run_bench(request: BenchRequest, echo=print) -> dict[str, Any]:
             samples[kind].append(json.loads(out.read_text()))
             out.unlink()
             median = statistics.median(samples[kind][-1]["step_seconds"])
-            echo(f"repeat {repeat + 1}/{request.repeats} {kind:10s} {median * 1000:8.1f} ms/step")
+            echo(f"repeat {repeat + 1}/{request.repeats} {kind} {median * 1000:.1f} ms/step")
     step = {k: statistics.median(statistics.median(s["step_seconds"]) for s in v) for k, v in samples.items()}
     memory = {k: statistics.median(s["peak_memory_mb"] for s in v) for k, v in samples.items()}
     first = samples["naive"][0]
@@ -159,10 +175,12 @@ def run_bench(request: BenchRequest, echo=print) -> dict[str, Any]:
     return {
         "hf_trainer_speedup": step["hf_trainer"] / step["naive"],
         "softmask_step_ratio": step["softmask"] / step["naive"],
+        "step_ratio_to_naive": {k: v / step["naive"] for k, v in step.items()},
         "importance_fraction": importance / stage_seconds,
         "machine": machine_description(first["device"]),
         "model": first["model"], "suite": request.suite, "batch_size": first["batch_size"],
-        "seq_len": first["seq_len"], "precision": first["precision"], "repeats": request.repeats,
+        "seq_len": first["seq_len"], "precision": first["precision"], "settings": request.sets,
+        "kinds": list(request.kinds), "repeats": request.repeats,
         "steps_per_measurement": request.steps,
         "step_ms": {k: v * 1000 for k, v in step.items()},
         "tokens_per_second": {k: first["tokens_per_step"] / v for k, v in step.items()},
@@ -183,12 +201,13 @@ def machine_description(device: str) -> str:
 def table(result: dict[str, Any]) -> str:
     from tabulate import tabulate
 
-    rows = [[k, f"{result['step_ms'][k]:.1f}", f"{result['tokens_per_second'][k]:.0f}",
-             f"{result['peak_memory_mb'][k]:.0f}"] for k in KINDS]
+    rows = [[k, f"{result['step_ms'][k]:.1f}", f"{result['step_ratio_to_naive'][k]:.2f}",
+             f"{result['tokens_per_second'][k]:.0f}", f"{result['peak_memory_mb'][k]:.0f}"] for k in result["kinds"]]
     head = (f"{result['machine']}; model {result['model']}, batch {result['batch_size']} x {result['seq_len']} "
             f"tokens, {result['precision']}; medians of {result['repeats']} alternating repeats x "
-            f"{result['steps_per_measurement']} steps\n")
-    body = tabulate(rows, headers=["step", "ms/step", "tokens/s", "peak memory MB"], tablefmt="github")
+            f"{result['steps_per_measurement']} steps" +
+            (f"; settings {' '.join(result['settings'])}" if result["settings"] else "") + "\n")
+    body = tabulate(rows, headers=["step", "ms/step", "x naive", "tokens/s", "peak memory MB"], tablefmt="github")
     tail = (f"\nour naive vs transformers.Trainer: {result['hf_trainer_speedup']:.2f}x tokens/s"
             f"\nsoftmask / naive step time: {result['softmask_step_ratio']:.2f}"
             f"\nimportance pass: {result['importance_seconds']:.2f} s = {result['importance_fraction']:.1%} of a "

@@ -187,6 +187,9 @@ def bench(
     steps: Annotated[int, typer.Option(help="timed steps per measurement (after 3 warm-up steps)")] = 20,
     repeats: Annotated[int, typer.Option(help="alternating repeats of each kind")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="block.key=value for every kind")] = None,
+    variant: Annotated[Optional[list[str]], typer.Option(
+        help="an extra kind, METHOD or METHOD:block.key=value,... (e.g. softmask:softmask.contrastive=false)")] = None,
     json_file: Annotated[Optional[str], typer.Option("--json", help="write the numbers to this JSON file")] = None,
 ) -> None:
     """Side-by-side step speed: transformers.Trainer vs our naive step vs softmask; peak memory; importance."""
@@ -197,10 +200,12 @@ def bench(
     if steps < 2 or repeats < 1:
         raise BadInput("--steps must be at least 2 and --repeats at least 1")
     request = BenchRequest(suite=suite or DEFAULT_SUITE, model=model, batch_size=batch_size, seq_len=seq_len,
-                           steps=steps, repeats=repeats, device=device)
+                           steps=steps, repeats=repeats, device=device, sets=list(set_ or []),
+                           variants=list(variant or []))
     from cpt_bench.bench import plan_for
 
-    plan_for(request, "naive")  # bad input (suite, model, sizes) fails here, in one line, before any process
+    for kind in request.kinds:  # bad input (suite, model, sizes, settings) fails here, in one line, before any process
+        plan_for(request, kind)
     result = run_bench(request, echo=typer.echo)
     typer.echo(table(result))
     if json_file:

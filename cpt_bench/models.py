@@ -130,11 +130,19 @@ def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     The same loss as the full-logits computation, at a fraction of the cost: the vocabulary projection
     dominates a small model's step and only ~15% of positions carry a label.
     """
-    hidden = encoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    return mlm_loss_and_hidden(model, batch)[0]
+
+
+def mlm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor],
+                        body: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mlm_loss` and the encoder's last hidden states it was computed from (a method may reuse the pass);
+    `body` replaces the encoder call (a compiled encoder)."""
+    body = encoder(model) if body is None else body
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     labels = batch["labels"]
     masked = labels != -100
     if not masked.any():
         # keep the graph connected so every process runs the same backward
-        return hidden.sum() * 0.0
+        return hidden.sum() * 0.0, hidden
     logits = mlm_head(model)(hidden[masked])
-    return nn.functional.cross_entropy(logits.float(), labels[masked])
+    return nn.functional.cross_entropy(logits.float(), labels[masked]), hidden

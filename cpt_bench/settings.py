@@ -29,6 +29,7 @@ class DapSettings:
     max_grad_norm: float = 1.0
     mlm_probability: float = 0.15
     precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False  # torch.compile the encoder for DAP (opt-in: the first steps pay for compiling)
 
     def check(self, where: str) -> None:
         positive(where, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,

@@ -17,20 +17,27 @@ from tqdm.auto import tqdm
 from cpt_bench.checkpoint import StopRequested, rng_state, set_rng_state
 from cpt_bench.data import MaskingCollator
 from cpt_bench.errors import BadInput, TrainingFailed
-from cpt_bench.models import mlm_loss
+from cpt_bench.models import encoder, mlm_loss_and_hidden
 from cpt_bench.plugin import Method, Stage
 from cpt_bench.settings import DapSettings
 
 
 class MaskedLMObjective(nn.Module):
-    """Wraps the LM so that the masked-LM loss is its forward: what accelerate/DDP wrap and call."""
+    """Wraps the LM so that the masked-LM loss is its forward: what accelerate/DDP wrap and call.
 
-    def __init__(self, model: nn.Module):
+    With `return_hidden` the forward returns (loss, last hidden states), for a method that reuses the pass."""
+
+    def __init__(self, model: nn.Module, compile_encoder: bool = False):
         super().__init__()
         self.model = model
+        # a compiled view of the same encoder, kept out of the module tree (no second copy of the parameters in
+        # named_parameters or state_dict); the LM itself stays plain for fine-tuning and the methods' own passes
+        object.__setattr__(self, "compiled_encoder", torch.compile(encoder(model)) if compile_encoder else None)
 
-    def forward(self, input_ids, attention_mask, labels):
-        return mlm_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    def forward(self, input_ids, attention_mask, labels, return_hidden: bool = False):
+        loss, hidden = mlm_loss_and_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                        "labels": labels}, body=self.compiled_encoder)
+        return (loss, hidden) if return_hidden else loss
 
 
 @dataclasses.dataclass
@@ -140,7 +147,7 @@ class DapTrainer:
         optimizer = adamw(parameters, named, s.lr, s.weight_decay)
         scheduler = linear_schedule(optimizer, int(s.warmup * total_steps), total_steps)
         objective, optimizer, loader, scheduler = accelerator.prepare(
-            MaskedLMObjective(model), optimizer, loader, scheduler)
+            MaskedLMObjective(model, s.compile), optimizer, loader, scheduler)
         state = StageState(stage, stage_index, model, objective, optimizer, accelerator, s, self.tokenizer,
                            blocks, self.seed)
         resume = checkpointing.resume if checkpointing is not None else None

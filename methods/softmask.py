@@ -31,6 +31,10 @@ class SoftMaskSettings:
     soft_mask: bool = True  # False: contrastive loss only (ablation)
     contrastive: bool = True  # False: no contrastive loss (ablation)
     contrastive_weight: float = 1.0  # lambda in L = MLM + lambda * contrastive
+    # "separate": two dropout views and the gated view in a pass of their own, gradient through all three
+    # (3 x batch rows forward and backward); "mlm_anchor": the MLM pass's representation is the anchor, the
+    # positive and gated views are targets without gradient (2 x batch rows, forward only)
+    contrastive_views: Literal["separate", "mlm_anchor"] = "separate"
     temperature: float = 0.05
     general_importance: bool = True  # False: domain importances only (ablation)
     random_importance: bool = False  # ablation: importances shuffled within each layer (same distribution)
@@ -100,11 +104,16 @@ class SoftMask(Method):
                 self._scales.append((parameter, self.units.parameter_scale(keep, kind, parameter, axis)))
 
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = stage.objective(**batch)
-        stage.log_term("mlm", loss)
         s = self.settings
-        if s.contrastive and s.contrastive_weight > 0 and self.accumulated is not None:
-            contrastive = self._contrastive(stage, batch)
+        contrast = s.contrastive and s.contrastive_weight > 0 and self.accumulated is not None
+        if contrast and s.contrastive_views == "mlm_anchor":
+            loss, hidden = stage.objective(**batch, return_hidden=True)
+            contrastive = self._contrastive_on_mlm_pass(stage, batch, pooled(hidden, batch["attention_mask"]))
+        else:
+            loss = stage.objective(**batch)
+            contrastive = self._contrastive(stage, batch) if contrast else None
+        stage.log_term("mlm", loss)
+        if contrastive is not None:
             stage.log_term("contrastive", contrastive)
             loss = loss + s.contrastive_weight * contrastive
         return loss
@@ -204,14 +213,37 @@ class SoftMask(Method):
         with self.units.gated(gates):
             hidden = encoder(stage.model)(input_ids=ids.repeat(3, 1), attention_mask=mask.repeat(3, 1))[0]
         views = pooled(hidden, mask.repeat(3, 1))
-        first, second, prior = views[:rows], views[rows: 2 * rows], views[2 * rows:]
+        return self._info_nce_across_processes(stage, views[:rows], views[rows: 2 * rows], views[2 * rows:])
+
+    def _contrastive_on_mlm_pass(self, stage, batch: dict[str, torch.Tensor], anchor: torch.Tensor) -> torch.Tensor:
+        """Sec. 3.3 at about a third of the cost: the anchor is the full network's representation from the MLM
+        pass (the masked text, with dropout); the positive (the full network on the unmasked text) and the
+        gated view (previous knowledge) are fixed targets from one forward without gradient or dropout (the
+        masking already makes anchor and positive two views of one text). The gradient moves the full network
+        toward its representation of the clean text and away from the previous knowledge's."""
+        ids, mask = unmasked_ids(batch), batch["attention_mask"]
+        rows = len(ids)
+        gates = {k: torch.cat([torch.ones(rows, *v.shape, device=ids.device), v.to(ids.device).expand(rows, *v.shape)])
+                 for k, v in self.accumulated.items()}
+        model = stage.model
+        model.eval()
+        try:
+            with torch.no_grad(), self.units.gated(gates):
+                hidden = encoder(model)(input_ids=ids.repeat(2, 1), attention_mask=mask.repeat(2, 1))[0]
+        finally:
+            model.train()
+        views = pooled(hidden, mask.repeat(2, 1))
+        return self._info_nce_across_processes(stage, anchor, views[:rows], views[rows:])
+
+    def _info_nce_across_processes(self, stage, anchor: torch.Tensor, positive: torch.Tensor,
+                                   prior: torch.Tensor) -> torch.Tensor:
         accelerator = stage.accelerator
         offset = 0
         if accelerator.num_processes > 1:  # negatives from every process; the local rows keep their gradient
-            second = _gather_with_grad(accelerator, second)
+            positive = _gather_with_grad(accelerator, positive)
             prior = _gather_with_grad(accelerator, prior)
-            offset = accelerator.process_index * rows
-        return info_nce(first, second, prior, self.settings.temperature, offset)
+            offset = accelerator.process_index * len(anchor)
+        return info_nce(anchor, positive, prior, self.settings.temperature, offset)
 
     def overhead(self, model) -> dict[str, int]:
         importances = sum(t.numel() for _, normalised, accumulated in self.history
