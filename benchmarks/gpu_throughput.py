@@ -1,8 +1,12 @@
 """DAP throughput and model-FLOPs utilisation on one GPU, bf16: `naive` and `softmask` steps of our trainer on a
 randomly initialised roberta-base-sized masked LM (no download), alongside `transformers.Trainer`.
 
-    python benchmarks/gpu_throughput.py [--batch-size 32] [--seq-len 512] [--steps 30] [--repeats 2]
-                                        [--peak-tflops 989] [--output results/perf/gpu.md]
+    python benchmarks/gpu_throughput.py [--batch-size 64] [--seq-len 512] [--steps 20] [--repeats 2]
+                                        [--peak-tflops 989] [--variant KIND ...] [--output results/perf/gpu.md]
+
+Kinds: transformers.Trainer, our naive and softmask steps (softmask at a later stage: masking and the
+contrastive loss on), plus the variants (default: softmask with `contrastive_views=mlm_anchor`, and naive with
+`dap.compile=true`).
 
 MFU = 6 · N · tokens/s / peak, N = parameters without the embeddings (the usual convention), peak = the card's
 dense bf16 tensor throughput (H100/H200 SXM: 989 TFLOP/s; pass --peak-tflops for another card). One command,
@@ -17,6 +21,9 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+
+DEFAULT_VARIANTS = ["softmask:softmask.contrastive_views=mlm_anchor", "naive:dap.compile=true"]
 
 
 def build_model(folder: Path, tiny: bool) -> int:
@@ -67,14 +74,17 @@ def write_suite(folder: Path, model_dir: Path, batch_size: int, seq_len: int, pr
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: smoke-test the script on a CPU")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="extra kind METHOD:block.key=value,... (repeatable; replaces the default variants)")
     parser.add_argument("--output", default=None, help="also write the markdown here")
+    parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from cpt_bench.bench import BenchRequest, run_bench, table
@@ -85,16 +95,23 @@ def main() -> None:
         precision = "bf16" if args.device == "cuda" else "no"
         suite = write_suite(folder, folder / "model", args.batch_size, args.seq_len, precision)
         os.environ.setdefault("CPT_BENCH_CACHE", str(folder / "cache"))
+        variants = args.variant if args.variant is not None else DEFAULT_VARIANTS
         result = run_bench(BenchRequest(suite=str(suite), steps=args.steps, repeats=args.repeats,
-                                        device=args.device))
+                                        device=args.device, variants=variants), echo=lambda line: print(line, flush=True))
     lines = [table(result), ""]
-    for kind in ("naive", "softmask", "hf_trainer"):
+    result["mfu"] = {}
+    for kind in result["kinds"]:
         tokens_per_second = result["tokens_per_second"][kind]
-        mfu = 6 * n * tokens_per_second / (args.peak_tflops * 1e12)
-        lines.append(f"{kind:10s} {tokens_per_second:10.0f} tokens/s   MFU {mfu:.1%} "
-                     f"(N = {n / 1e6:.1f} M non-embedding parameters, peak {args.peak_tflops:g} TFLOP/s bf16)")
+        result["mfu"][kind] = mfu = 6 * n * tokens_per_second / (args.peak_tflops * 1e12)
+        lines.append(f"{kind:48s} {tokens_per_second:10.0f} tokens/s   MFU {mfu:.1%}")
+    lines.append(f"MFU = 6 N tokens/s / peak, N = {n / 1e6:.1f} M non-embedding parameters, peak "
+                 f"{args.peak_tflops:g} TFLOP/s bf16")
+    result.update(non_embedding_parameters=n, peak_tflops=args.peak_tflops)
     text = "\n".join(lines)
     print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(f"```\n{text}\n```\n\nCommand: `python {' '.join(sys.argv)}`\n")
