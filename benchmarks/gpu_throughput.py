@@ -16,7 +16,9 @@ a few minutes; `--tiny --device cpu` is a smoke test of the script itself on a C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import os
 import sys
 import tempfile
@@ -72,6 +74,31 @@ def write_suite(folder: Path, model_dir: Path, batch_size: int, seq_len: int, pr
     return yaml_path
 
 
+def profile_kinds(kinds: list[str], suite: str, args) -> None:
+    """Each kind's steps under torch.profiler, in a process of its own: the top operators by GPU time."""
+    import subprocess
+
+    from cpt_bench.bench import BenchRequest
+
+    request = BenchRequest(suite=suite, steps=args.steps, repeats=1, device=args.device, profile=True)
+    report = []
+    for kind in kinds:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+            out = Path(handle.name)
+        subprocess.run([sys.executable, "-m", "cpt_bench.bench", kind, str(out),
+                        json.dumps(dataclasses.asdict(request))], check=True)
+        measured = json.loads(out.read_text())
+        busy = measured.get("device_busy_fraction")
+        report.append(f"## {kind}\n\nmedian step {statistics.median(measured['step_seconds']) * 1000:.1f} ms under "
+                      f"the profiler" + (f"; device busy {busy:.0%} of the wall time" if busy is not None else "") +
+                      f"\n\n```\n{measured['profile']}\n```\n")
+    text = "\n".join(report)
+    print(text, flush=True)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(f"{text}\nCommand: `python {' '.join(sys.argv)}`\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -85,6 +112,8 @@ def main() -> None:
                         help="extra kind METHOD:block.key=value,... (repeatable; replaces the default variants)")
     parser.add_argument("--output", default=None, help="also write the markdown here")
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--profile", nargs="*", default=None, metavar="KIND",
+                        help="instead of timing: profile these kinds (default naive, softmask) with torch.profiler")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from cpt_bench.bench import BenchRequest, run_bench, table
@@ -95,6 +124,9 @@ def main() -> None:
         precision = "bf16" if args.device == "cuda" else "no"
         suite = write_suite(folder, folder / "model", args.batch_size, args.seq_len, precision)
         os.environ.setdefault("CPT_BENCH_CACHE", str(folder / "cache"))
+        if args.profile is not None:
+            profile_kinds(args.profile or ["naive", "softmask"], str(suite), args)
+            return
         variants = args.variant if args.variant is not None else DEFAULT_VARIANTS
         result = run_bench(BenchRequest(suite=str(suite), steps=args.steps, repeats=args.repeats,
                                         device=args.device, variants=variants), echo=lambda line: print(line, flush=True))

@@ -11,6 +11,7 @@ too and expressed as a fraction of a stage of the suite's default length.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,6 +40,7 @@ class BenchRequest:
     device: str = "auto"
     sets: list[str] = dataclasses.field(default_factory=list)  # for every kind (e.g. dap.precision=bf16)
     variants: list[str] = dataclasses.field(default_factory=list)  # extra kinds, "METHOD:block.key=value,..."
+    profile: bool = False  # run the timed steps under torch.profiler: where the time goes (slows the steps)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -111,7 +113,8 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
                                   for k, v in method.units.zeros(accelerator.device).items()}
         trainer = DapTrainer(accelerator, plan.tokenizer, settings, method, seed=0, show_progress=False)
         started = time.perf_counter()
-        trainer.train_stage(model, blocks, Stage(domain, [domain]), stage_index=1)
+        with _profiled(request.profile, accelerator.device, extra):
+            trainer.train_stage(model, blocks, Stage(domain, [domain]), stage_index=1)
         finished = time.perf_counter()
         if later_stage:
             extra["importance_seconds"] = finished - stamps[-1]  # after_domain: the domain's importance
@@ -122,6 +125,31 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
             "peak_memory_mb": _peak_memory_mb(accelerator.device), "model": plan.model_name,
             "batch_size": settings.batch_size, "seq_len": settings.seq_len,
             "device": str(accelerator.device), "precision": plan.dap.precision, **extra}
+
+
+@contextlib.contextmanager
+def _profiled(enabled: bool, device, extra: dict[str, Any]):
+    """torch.profiler around the block: the top operators by device (or CPU) time into extra["profile"], and
+    the device's busy fraction (kernel time over wall time) into extra["device_busy_fraction"]."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        yield
+    wall = time.perf_counter() - started
+    averages = profiler.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    extra["profile"] = averages.table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    if device.type == "cuda":  # what the host spends its time on while the device may wait
+        extra["profile"] += "\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
+                                                  max_name_column_width=70)
+    if device.type == "cuda":
+        kernels = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6
+        extra["device_busy_fraction"] = kernels / wall
 
 
 def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]:

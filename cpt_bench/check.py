@@ -12,7 +12,7 @@ import yaml
 
 from cpt_bench.errors import BadInput
 from cpt_bench.report import general_retention, load_results
-from cpt_bench.results import configuration_settings
+from cpt_bench.results import configuration_settings, method_configuration
 
 TOLERANCE_FILE = "tolerances.yaml"
 
@@ -84,7 +84,7 @@ def read_tolerances(reference_dir: Path) -> dict[str, float]:
 def configuration_key(result: dict[str, Any]) -> tuple:
     """Runs compare when suite, method, domain order, model and every setting agree (seeds may differ)."""
     return (result["suite"], result["method"], tuple(result["domains"]), result["model"],
-            json.dumps(result.get("method_config") or {}, sort_keys=True),
+            json.dumps(method_configuration(result), sort_keys=True),
             json.dumps(configuration_settings(result), sort_keys=True))
 
 

@@ -282,6 +282,7 @@ def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
     Cached on disk per (corpus content, tokenizer, seq_len).
     """
     import datasets
+    from datasets.table import InMemoryTable
 
     content = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
     key = f"{content}-{tokenizer_fingerprint(tokenizer)}-{seq_len}"
@@ -303,10 +304,14 @@ def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
         blocks = [[cls] + stream[i: i + body] + [sep] for i in range(0, len(stream) - body + 1, body)]
         return {"input_ids": blocks}
 
-    dataset = datasets.Dataset.from_dict({"text": texts})
-    dataset = dataset.map(tokenize, batched=True, remove_columns=["text"], desc=f"tokenising {corpus_id}")
+    # fingerprints from our own key: datasets would otherwise pickle the table and the tokenizer to hash them,
+    # which fails on some Python/pyarrow/dill combinations (seen with Python 3.12) and costs time anyway
+    dataset = datasets.Dataset(InMemoryTable.from_pydict({"text": texts}), fingerprint=f"{key}-text")
+    dataset = dataset.map(tokenize, batched=True, remove_columns=["text"], desc=f"tokenising {corpus_id}",
+                          new_fingerprint=f"{key}-ids")
     # one group over all rows so no text is cut at a batch boundary more than once per block
-    dataset = dataset.map(group, batched=True, batch_size=len(dataset), remove_columns=["ids"])
+    dataset = dataset.map(group, batched=True, batch_size=len(dataset), remove_columns=["ids"],
+                          new_fingerprint=f"{key}-blocks")
     if len(dataset) == 0:
         raise BadInput(f"corpus {corpus_id} is shorter than one block of {seq_len} tokens")
     with building(path) as tmp:

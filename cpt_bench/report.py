@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from cpt_bench.errors import BadInput
-from cpt_bench.results import configuration_settings, final_scores, load_result
+from cpt_bench.results import configuration_settings, final_scores, load_result, method_configuration
 from cpt_bench.stats import PairedComparison, Summary, paired_bootstrap, summarise_values
 
 REFERENCE_METHOD = "naive"  # significance markers compare every method with naive continual DAP
@@ -149,7 +149,7 @@ COMPARED = {"final MF1": True, "forgetting MF1": False}  # columns tested agains
 
 def _flat_config(result: dict[str, Any]) -> dict[str, str]:
     """Every setting of a run as `block.key` -> JSON value (the method's block is named after the method)."""
-    blocks = {result["method"]: result.get("method_config") or {}, **configuration_settings(result)}
+    blocks = {result["method"]: method_configuration(result), **configuration_settings(result)}
     flat = {}
     for block, values in blocks.items():
         if isinstance(values, dict):

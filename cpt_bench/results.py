@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -79,12 +80,35 @@ def git_commit() -> str:
 
 def configuration_settings(result: dict[str, Any]) -> dict[str, Any]:
     """A result's `settings` without what was measured rather than chosen (result files written by earlier
-    versions kept per-task truncation counts there): what decides whether two runs are the same setup."""
+    versions kept per-task truncation counts there), with settings added since the file was written filled
+    in as the run ran them: what decides whether two runs are the same setup."""
+    from cpt_bench.settings import DapSettings, FinetuneSettings
+
     settings = json.loads(json.dumps(result.get("settings") or {}))
     for task in (settings.get("end_tasks") or {}).values():
         if isinstance(task, dict):
             task.pop("truncated_examples", None)
+    for block, cls in (("dap", DapSettings), ("finetune", FinetuneSettings)):
+        if isinstance(settings.get(block), dict):
+            settings[block] = _with_absent_settings(cls, settings[block])
     return settings
+
+
+def method_configuration(result: dict[str, Any]) -> dict[str, Any]:
+    """A result's `method_config`, with settings the method gained since the file was written filled in as
+    the run ran them (so an older run and a new one of the same setup compare equal)."""
+    from cpt_bench.plugin import METHODS, load_plugins
+
+    config = dict(result.get("method_config") or {})
+    load_plugins()
+    cls = getattr(METHODS.get(result.get("method", "")), "Settings", None)
+    return _with_absent_settings(cls, config) if dataclasses.is_dataclass(cls) else config
+
+
+def _with_absent_settings(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    from cpt_bench.settings import value_when_absent
+
+    return {**{f.name: value_when_absent(f) for f in dataclasses.fields(cls)}, **values}
 
 
 def versions() -> dict[str, str]:

@@ -60,6 +60,16 @@ class FinetuneSettings:
             raise BadInput(f"{where}.lr: must be positive, got {self.lr}")
 
 
+def value_when_absent(field: dataclasses.Field) -> Any:
+    """What a result file written before `field` existed ran with: its `absent_means` metadata where a later
+    version changed the behaviour when it added the setting, else its default."""
+    if "absent_means" in field.metadata:
+        return field.metadata["absent_means"]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return None if field.default_factory is dataclasses.MISSING else field.default_factory()
+
+
 def positive(where: str, **values: int) -> None:
     for name, value in values.items():
         if value <= 0:
