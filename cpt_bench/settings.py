@@ -30,10 +30,6 @@ class DapSettings:
     mlm_probability: float = 0.15
     precision: Literal["no", "bf16", "fp16"] = "no"
     compile: bool = False  # torch.compile the encoder for DAP (opt-in: the first steps pay for compiling)
-    # let attention use cuDNN's kernels on GPUs (torch's default choice on Hopper); off: flash / memory-efficient,
-    # because cuDNN's per-call host overhead left an H200 idle 72% of a roberta-base step
-    # (results/perf/gpu_profile.md); no effect on CPUs
-    cudnn_attention: bool = False
 
     def check(self, where: str) -> None:
         positive(where, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,

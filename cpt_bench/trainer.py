@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -187,7 +186,7 @@ class DapTrainer:
             state.terms = {}
             for _ in range(s.grad_accum):
                 batch = next(batches)
-                with accelerator.autocast(), attention_kernels(s, accelerator.device):
+                with accelerator.autocast():
                     loss = self.method.loss(state, batch) / s.grad_accum
                 accelerator.backward(loss)
                 step_loss += loss.detach().float().item()
@@ -246,16 +245,6 @@ class DapTrainer:
                            loss_curve=_curve(mlm, points=50),
                            loss_terms={name: _curve(values, points=50) for name, values in term_history.items()},
                            skipped_steps=skipped)
-
-
-def attention_kernels(settings: DapSettings, device: torch.device):
-    """The scaled-dot-product attention kernels a DAP step may use (see DapSettings.cudnn_attention); the
-    backward pass follows the forward's choice."""
-    if device.type != "cuda" or settings.cudnn_attention:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _fingerprints(parameters: list[nn.Parameter]) -> list[tuple[float, float]]:
