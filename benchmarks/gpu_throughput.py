@@ -78,7 +78,7 @@ def profile_kinds(kinds: list[str], suite: str, args) -> None:
     """Each kind's steps under torch.profiler, in a process of its own: the top operators by GPU time."""
     import subprocess
 
-    from cpt_bench.bench import BenchRequest
+    from cpt_bench.bench import WARMUP_STEPS, BenchRequest
 
     request = BenchRequest(suite=suite, steps=args.steps, repeats=1, device=args.device, profile=True)
     report = []
@@ -88,9 +88,11 @@ def profile_kinds(kinds: list[str], suite: str, args) -> None:
         subprocess.run([sys.executable, "-m", "cpt_bench.bench", kind, str(out),
                         json.dumps(dataclasses.asdict(request))], check=True)
         measured = json.loads(out.read_text())
-        busy = measured.get("device_busy_fraction")
+        kernels = measured.get("device_kernel_seconds")
+        steps = args.steps + WARMUP_STEPS  # the profile spans the warm-up steps too
         report.append(f"## {kind}\n\nmedian step {statistics.median(measured['step_seconds']) * 1000:.1f} ms under "
-                      f"the profiler" + (f"; device busy {busy:.0%} of the wall time" if busy is not None else "") +
+                      f"the profiler" + (f"; GPU kernel time {kernels / steps * 1000:.1f} ms per step (all kernels of "
+                                         f"the stage / {steps} steps)" if kernels is not None else "") +
                       f"\n\n```\n{measured['profile']}\n```\n")
     text = "\n".join(report)
     print(text, flush=True)
