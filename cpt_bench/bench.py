@@ -32,6 +32,8 @@ WARMUP_STEPS = 3
 @dataclasses.dataclass
 class BenchRequest:
     suite: str = "synthetic"
+    data_dir: str | None = None
+    order: list[str] | None = None  # the first domain's blocks are used
     model: str | None = None
     batch_size: int | None = None
     seq_len: int | None = None
@@ -57,10 +59,13 @@ def plan_for(request: BenchRequest, kind: str):
     from cpt_bench.runner import RunRequest, plan_run
 
     method, own_sets = split_kind(kind)
-    sets = [f"dap.batch_size={request.batch_size}"] if request.batch_size else []
+    # a measured step is one batch (a suite's accumulation, e.g. das6's 4, would multiply our step only);
+    # `--set dap.grad_accum=N` measures N batches per step for every kind, the Trainer included
+    sets = ["dap.grad_accum=1"]
+    sets += [f"dap.batch_size={request.batch_size}"] if request.batch_size else []
     sets += [f"dap.seq_len={request.seq_len}"] if request.seq_len else []
     return plan_run(RunRequest(method="naive" if method == "hf_trainer" else method, suite=request.suite,
-                               model=request.model, sets=[*sets, *request.sets, *own_sets],
+                               data_dir=request.data_dir, order=request.order, model=request.model, sets=[*sets, *request.sets, *own_sets],
                                device=request.device, show_progress=False))
 
 
@@ -88,7 +93,7 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     blocks = plan.data.blocks(domain, plan.dap.seq_len)
     settings = dataclasses.replace(plan.dap, steps=request.steps + WARMUP_STEPS)
     model = copy.deepcopy(plan.original_model).to(accelerator.device)
-    tokens_per_step = settings.batch_size * settings.seq_len
+    tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
     stamps: list[float] = []
     extra: dict[str, Any] = {}
     if split_kind(kind)[0] == "hf_trainer":
@@ -123,7 +128,7 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     step_seconds = [b - a for a, b in zip(stamps[WARMUP_STEPS - 1:], stamps[WARMUP_STEPS:])]
     return {"kind": kind, "step_seconds": step_seconds, "tokens_per_step": tokens_per_step,
             "peak_memory_mb": _peak_memory_mb(accelerator.device), "model": plan.model_name,
-            "batch_size": settings.batch_size, "seq_len": settings.seq_len,
+            "batch_size": settings.batch_size, "seq_len": settings.seq_len, "grad_accum": settings.grad_accum,
             "device": str(accelerator.device), "precision": plan.dap.precision, **extra}
 
 
@@ -166,6 +171,7 @@ def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]
     with tempfile.TemporaryDirectory() as output_dir:
         arguments = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=settings.batch_size, max_steps=settings.steps,
+            gradient_accumulation_steps=settings.grad_accum,
             learning_rate=settings.lr, warmup_steps=int(settings.warmup * settings.steps), weight_decay=settings.weight_decay,
             max_grad_norm=settings.max_grad_norm, logging_steps=10 ** 9, save_strategy="no", report_to=[],
             disable_tqdm=True, use_cpu=device.type == "cpu", bf16=settings.precision == "bf16",
@@ -205,7 +211,8 @@ def run_bench(request: BenchRequest, echo=print) -> dict[str, Any]:
         "importance_fraction": importance / stage_seconds,
         "machine": machine_description(first["device"]),
         "model": first["model"], "suite": request.suite, "batch_size": first["batch_size"],
-        "seq_len": first["seq_len"], "precision": first["precision"], "settings": request.sets,
+        "seq_len": first["seq_len"], "grad_accum": first["grad_accum"], "precision": first["precision"],
+        "settings": request.sets,
         "kinds": list(request.kinds), "repeats": request.repeats,
         "steps_per_measurement": request.steps,
         "step_ms": {k: v * 1000 for k, v in step.items()},
@@ -229,8 +236,9 @@ def table(result: dict[str, Any]) -> str:
 
     rows = [[k, f"{result['step_ms'][k]:.1f}", f"{result['step_ratio_to_naive'][k]:.2f}",
              f"{result['tokens_per_second'][k]:.0f}", f"{result['peak_memory_mb'][k]:.0f}"] for k in result["kinds"]]
+    accumulation = f" x {result['grad_accum']} accumulated" if result.get("grad_accum", 1) > 1 else ""
     head = (f"{result['machine']}; model {result['model']}, batch {result['batch_size']} x {result['seq_len']} "
-            f"tokens, {result['precision']}; medians of {result['repeats']} alternating repeats x "
+            f"tokens{accumulation}, {result['precision']}; medians of {result['repeats']} alternating repeats x "
             f"{result['steps_per_measurement']} steps" +
             (f"; settings {' '.join(result['settings'])}" if result["settings"] else "") + "\n")
     body = tabulate(rows, headers=["step", "ms/step", "x naive", "tokens/s", "peak memory MB"], tablefmt="github")

@@ -181,6 +181,9 @@ def check(
 @exits_2_on_bad_input
 def bench(
     suite: Annotated[Optional[str], typer.Option(help="suite whose first domain's blocks are used")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="root folder of the suite's data files")] = None,
+    order: Annotated[Optional[str], typer.Option(help="domain order (comma-separated); its first domain's "
+                                                      "blocks are used")] = None,
     model: Annotated[Optional[str], typer.Option(help="model (default: the suite's)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="rows per step (default: the suite's)")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="tokens per row (default: the suite's)")] = None,
@@ -199,8 +202,9 @@ def bench(
 
     if steps < 2 or repeats < 1:
         raise BadInput("--steps must be at least 2 and --repeats at least 1")
-    request = BenchRequest(suite=suite or DEFAULT_SUITE, model=model, batch_size=batch_size, seq_len=seq_len,
-                           steps=steps, repeats=repeats, device=device, sets=list(set_ or []),
+    request = BenchRequest(suite=suite or DEFAULT_SUITE, data_dir=data_dir, model=model, batch_size=batch_size,
+                           order=[d.strip() for d in order.split(",")] if order is not None else None,
+                           seq_len=seq_len, steps=steps, repeats=repeats, device=device, sets=list(set_ or []),
                            variants=list(variant or []))
     from cpt_bench.bench import plan_for
 

@@ -33,8 +33,9 @@ class SoftMaskSettings:
     contrastive_weight: float = 1.0  # lambda in L = MLM + lambda * contrastive
     # "mlm_anchor": the MLM pass's representation is the anchor, the positive and gated views are targets
     # without gradient or dropout (2 x batch rows, forward only); "separate": two dropout views and the gated
-    # view in a pass of their own, gradient through all three (3 x batch rows forward and backward: 2.5x the
-    # time, no better on the default suite: results/softmask/table.md). Runs before the setting were "separate".
+    # view in a pass of their own, gradient through all three (3 x batch rows forward and backward: 2.2x the
+    # step time, no better on the default suite: results/softmask/table.md). Runs before the setting were
+    # "separate".
     contrastive_views: Literal["mlm_anchor", "separate"] = dataclasses.field(
         default="mlm_anchor", metadata={"absent_means": "separate"})
     temperature: float = 0.05
@@ -228,12 +229,13 @@ class SoftMask(Method):
         gates = {k: torch.cat([torch.ones(rows, *v.shape, device=ids.device), v.to(ids.device).expand(rows, *v.shape)])
                  for k, v in self.accumulated.items()}
         model = stage.model
+        was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), self.units.gated(gates):
                 hidden = encoder(model)(input_ids=ids.repeat(2, 1), attention_mask=mask.repeat(2, 1))[0]
         finally:
-            model.train()
+            model.train(was_training)
         views = pooled(hidden, mask.repeat(2, 1))
         return self._info_nce_across_processes(stage, anchor, views[:rows], views[rows:])
 

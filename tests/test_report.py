@@ -294,3 +294,25 @@ def test_measured_truncation_counts_in_settings_do_not_split_a_configuration(tmp
     rows = markdown_rows(_ok(str(runs)))
     assert len(rows) == 1 and rows[0]["seeds"] == "0,1"
     assert configuration_key(older) == configuration_key(newer)
+
+
+def test_a_setting_added_later_reads_as_what_older_runs_did(tmp_path):
+    """A result file written before a setting existed groups with new runs that use the behaviour it ran
+    with (a default for `dap.compile`; `softmask.contrastive_views` changed default when added: older runs
+    were "separate"), in report and in the regression gate alike."""
+    from cpt_bench.check import configuration_key
+
+    runs = tmp_path / "runs"
+    older = result(seed=0, settings={"dap": {"steps": 4}})
+    newer = result(seed=1, settings={"dap": {"steps": 4, "compile": False}})
+    write(runs, "a0.json", older)
+    write(runs, "a1.json", newer)
+    assert configuration_key(older) == configuration_key(newer)
+    assert markdown_rows(_ok(str(runs)))[0]["seeds"] == "0,1"
+
+    old_softmask = {**result(method="softmask", seed=0), "method_config": {"contrastive": True}}
+    separate = {**result(method="softmask", seed=1), "method_config": {"contrastive": True,
+                                                                        "contrastive_views": "separate"}}
+    anchored = {**result(method="softmask", seed=2), "method_config": {"contrastive": True,
+                                                                        "contrastive_views": "mlm_anchor"}}
+    assert configuration_key(old_softmask) == configuration_key(separate) != configuration_key(anchored)

@@ -168,6 +168,58 @@ def test_contrastive_positives_are_two_views_of_the_same_text(tiny, monkeypatch)
     assert not torch.allclose(anchor, captured["negatives"])  # the gated network differs from the full one
 
 
+def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(tiny, monkeypatch):
+    """The default contrastive pairing (Sec. 3.3 at a third of the cost): the anchor is the MLM pass's
+    representation of the masked text and carries the gradient; the positive is the full network on the same
+    text unmasked, the negatives the gated network on it, both fixed targets without dropout."""
+    from cpt_bench.methods import softmask
+    from cpt_bench.models import encoder
+    from cpt_bench.trainer import MaskedLMObjective
+
+    captured = {}
+    real_info_nce = softmask.info_nce
+
+    def capture(anchor, positive, negatives, temperature, offset=0):
+        captured.update(anchor=anchor, positive=positive, negatives=negatives)
+        return real_info_nce(anchor, positive, negatives, temperature, offset)
+
+    monkeypatch.setattr(softmask, "info_nce", capture)
+    model = tiny.model.train()
+    method = _softmask(model)
+    assert method.settings.contrastive_views == "mlm_anchor"
+    method.accumulated = {k: torch.full_like(v, 0.5) for k, v in method.units.zeros().items()}
+    stage = SimpleNamespace(**{**vars(tiny.stage), "objective": MaskedLMObjective(model)})
+    loss = method.loss(stage, tiny.batch)
+    anchor, positive, negatives = captured["anchor"], captured["positive"], captured["negatives"]
+    assert anchor.requires_grad and not positive.requires_grad and not negatives.requires_grad
+    assert model.training  # dropout is back on for the rest of the step
+
+    model.eval()
+    mask = tiny.batch["attention_mask"]
+    with torch.no_grad():
+        clean = softmask.pooled(encoder(model)(input_ids=softmask.unmasked_ids(tiny.batch),
+                                               attention_mask=mask)[0], mask)
+        masked = softmask.pooled(encoder(model)(input_ids=tiny.batch["input_ids"], attention_mask=mask)[0], mask)
+    assert torch.allclose(positive, clean, atol=1e-6)  # row i: the same text, unmasked
+    assert not torch.allclose(negatives, clean)  # the gated network differs from the full one
+    assert not torch.allclose(masked, clean)  # the anchor's view is the masked text
+
+    loss.backward()  # the contrastive term reaches the weights through the MLM pass alone
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.base_model.parameters()
+               if p.requires_grad and p.grad is not None)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.base_model.encoder.parameters())
+
+
+def test_mlm_anchor_keeps_the_models_mode(tiny):
+    from cpt_bench.trainer import MaskedLMObjective
+
+    model = tiny.model.eval()
+    method = _softmask(model)
+    method.accumulated = {k: torch.full_like(v, 0.5) for k, v in method.units.zeros().items()}
+    method.loss(SimpleNamespace(**{**vars(tiny.stage), "objective": MaskedLMObjective(model)}), tiny.batch)
+    assert not model.training
+
+
 def test_info_nce_prefers_matching_rows():
     from cpt_bench.methods.softmask import info_nce
 

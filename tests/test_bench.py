@@ -1,0 +1,38 @@
+"""`cpt-bench bench`: the side-by-side step timing runs every kind end to end and reports its numbers (no
+timing is asserted: the machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import assert_one_line_error, run_cli
+
+
+def test_bench_runs_every_kind_and_writes_its_numbers(tiny_suite, tmp_path):
+    out = tmp_path / "bench.json"
+    variant = "softmask:softmask.contrastive_views=separate"
+    result = run_cli("bench", "--suite", str(tiny_suite), "--steps", "2", "--repeats", "1", "--device", "cpu",
+                     "--variant", variant, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(out.read_text())
+    kinds = ["hf_trainer", "naive", "softmask", variant]
+    assert numbers["kinds"] == kinds
+    for kind in kinds:
+        assert numbers["step_ms"][kind] > 0 and numbers["tokens_per_second"][kind] > 0
+        assert numbers["peak_memory_mb"][kind] > 0
+        assert kind in result.output
+    assert numbers["step_ratio_to_naive"]["naive"] == 1.0
+    assert numbers["hf_trainer_speedup"] == numbers["step_ms"]["hf_trainer"] / numbers["step_ms"]["naive"]
+    assert 0 < numbers["importance_fraction"] < 1
+    assert "our naive vs transformers.Trainer" in result.output
+
+
+def test_bench_rejects_an_unknown_variant_before_measuring(tiny_suite):
+    result = run_cli("bench", "--suite", str(tiny_suite), "--steps", "2", "--repeats", "1",
+                     "--variant", "nosuch:dap.lr=1")
+    assert result.exit_code == 2
+    assert_one_line_error(result, "nosuch")
+    result = run_cli("bench", "--suite", str(tiny_suite), "--steps", "2", "--repeats", "1",
+                     "--set", "softmask.no_such_setting=1")
+    assert result.exit_code == 2
+    assert_one_line_error(result, "no_such_setting")
