@@ -468,4 +468,7 @@ def describe_device(accelerator) -> str:
 def make_accelerator(plan: RunPlan):
     from accelerate import Accelerator
 
-    return Accelerator(cpu=plan.request.device == "cpu", mixed_precision=plan.dap.precision)
+    # "auto" without a GPU is the CPU, said explicitly: accelerate joins several launched processes on the CPU
+    # (gloo) only when told cpu=True, and otherwise runs each of them alone
+    cpu = plan.request.device == "cpu" or (plan.request.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu, mixed_precision=plan.dap.precision)

@@ -15,7 +15,9 @@ from conftest import run_cli
 
 
 def launch(tiny_suite: Path, output: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu",
+    # `--multi_gpu` is accelerate's torchrun launcher; without a GPU its processes join over gloo on the CPU
+    # (`--cpu --num_processes 2` would start one process only)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "cpt_bench", "run", "--suite", str(tiny_suite), "--output", str(output), "--quiet", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
@@ -32,6 +34,7 @@ def test_two_processes_complete_a_run(tiny_suite, tmp_path, method):
     done = launch(tiny_suite, tmp_path / "two", "--method", method)
     assert done.returncode == 0, done.stderr[-3000:]
     two = only_result(tmp_path / "two")  # written once, by the main process
+    assert "processes=2" in two["provenance"]["device"]
     assert run_cli("run", "--suite", str(tiny_suite), "--output", str(tmp_path / "one"), "--quiet",
                    "--method", method).exit_code == 0
     one = only_result(tmp_path / "one")
@@ -50,6 +53,7 @@ def test_domain_importance_of_two_processes_equals_one(tiny_suite, tmp_path):
                    *frozen).exit_code == 0
     done = launch(tiny_suite, tmp_path / "two", *frozen)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes=2" in only_result(tmp_path / "two")["provenance"]["device"]
     one = load_file(next((tmp_path / "one").glob("*.importance.safetensors")))
     two = load_file(next((tmp_path / "two").glob("*.importance.safetensors")))
     keys = [k for k in one if ":cats/normalised/" in k]  # the first domain's MLM importance
