@@ -146,8 +146,9 @@ class DapTrainer:
         parameters = self.method.trainable_parameters(model)
         optimizer = adamw(parameters, named, s.lr, s.weight_decay)
         scheduler = linear_schedule(optimizer, int(s.warmup * total_steps), total_steps)
-        objective, optimizer, loader, scheduler = accelerator.prepare(
-            MaskedLMObjective(model, s.compile), optimizer, loader, scheduler)
+        # the schedule is in optimizer steps of the global batch, the same for any number of processes: it is
+        # not handed to accelerate, whose scheduler wrapper steps it once per process per step
+        objective, optimizer, loader = accelerator.prepare(MaskedLMObjective(model, s.compile), optimizer, loader)
         state = StageState(stage, stage_index, model, objective, optimizer, accelerator, s, self.tokenizer,
                            blocks, self.seed)
         resume = checkpointing.resume if checkpointing is not None else None
@@ -209,7 +210,8 @@ class DapTrainer:
             if accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skipped a non-finite step
                 skipped += 1
             self.method.after_optimizer_step(state)
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # no update, no schedule step (as accelerate does)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step = step + 1
             losses.append(step_loss)
