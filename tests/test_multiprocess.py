@@ -60,3 +60,51 @@ def test_domain_importance_of_two_processes_equals_one(tiny_suite, tmp_path):
     assert len(keys) == 3
     for key in keys:
         assert (one[key] - two[key]).abs().max() < 1e-4, key
+
+
+LR_PROBE = '''
+import json, sys
+from accelerate import Accelerator
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+from cpt_bench.data import mlm_blocks
+from cpt_bench.plugin import Method, SequenceState, Stage
+from cpt_bench.settings import DapSettings
+from cpt_bench.trainer import DapTrainer
+
+model_dir, out = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForMaskedLM.from_pretrained(model_dir)
+blocks = mlm_blocks([f"the cats was {w} ." for w in ("purr", "nap", "soft", "calm")] * 8, tokenizer, 16, "cats")
+accelerator = Accelerator(cpu=True)
+
+class LearningRates(Method):
+    rates = []
+    def after_optimizer_step(self, stage):  # the rate this step was taken with
+        self.rates.append(stage.optimizer.param_groups[0]["lr"])
+
+method = LearningRates()
+method.on_sequence_start(SequenceState(model, tokenizer, accelerator, ["cats"], 0))
+settings = DapSettings(steps=6, batch_size=4, seq_len=16, lr=1e-3, warmup=0.5)
+DapTrainer(accelerator, tokenizer, settings, method, seed=0, show_progress=False).train_stage(
+    model, blocks, Stage("cats", ["cats"]), 0)
+if accelerator.is_main_process:
+    json.dump({"processes": accelerator.num_processes, "rates": method.rates}, open(out, "w"))
+'''
+
+
+def test_learning_rate_schedule_does_not_depend_on_the_process_count(tiny_model_dir, tmp_path, monkeypatch):
+    """The schedule is in optimizer steps of the global batch: with two processes step k still takes the
+    rate of step k (accelerate's own scheduler wrapper would advance it once per process)."""
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    script = tmp_path / "lr_probe.py"
+    script.write_text(LR_PROBE)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(script), str(tiny_model_dir), str(tmp_path / "rates.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads((tmp_path / "rates.json").read_text())
+    assert measured["processes"] == 2
+    warmup = [1e-3 * k / 3 for k in (1, 2, 3)]  # 3 warm-up steps, then linear decay to 0 after 6
+    decay = [1e-3 * (6 - k) / 3 for k in (3, 4, 5)]
+    assert measured["rates"] == pytest.approx(warmup + decay)
