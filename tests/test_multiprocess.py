@@ -20,7 +20,8 @@ def launch(tiny_suite: Path, output: Path, *args: str, processes: int = 2) -> su
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "cpt_bench", "run", "--suite", str(tiny_suite), "--output", str(output), "--quiet", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ}, check=False)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ},
+                          check=False)
 
 
 def only_result(folder: Path) -> dict:
@@ -101,7 +102,8 @@ def test_learning_rate_schedule_does_not_depend_on_the_process_count(tiny_model_
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(script), str(tiny_model_dir), str(tmp_path / "rates.json")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ}, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ},
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads((tmp_path / "rates.json").read_text())
     assert measured["processes"] == 2
