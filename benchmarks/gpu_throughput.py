@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -90,10 +90,11 @@ def profile_kinds(kinds: list[str], suite: str, args) -> None:
         measured = json.loads(out.read_text())
         kernels = measured.get("device_kernel_seconds")
         steps = args.steps + WARMUP_STEPS  # the profile spans the warm-up steps too
-        report.append(f"## {kind}\n\nmedian step {statistics.median(measured['step_seconds']) * 1000:.1f} ms under "
-                      f"the profiler" + (f"; GPU kernel time {kernels / steps * 1000:.1f} ms per step (all kernels of "
-                                         f"the stage / {steps} steps)" if kernels is not None else "") +
-                      f"\n\n```\n{measured['profile']}\n```\n")
+        median_ms = statistics.median(measured["step_seconds"]) * 1000
+        kernel_line = "" if kernels is None else \
+            f"; GPU kernel time {kernels / steps * 1000:.1f} ms per step (all kernels of the stage / {steps} steps)"
+        report.append(f"## {kind}\n\nmedian step {median_ms:.1f} ms under the profiler{kernel_line}\n\n"
+                      f"```\n{measured['profile']}\n```\n")
     text = "\n".join(report)
     print(text, flush=True)
     if args.output:
@@ -130,8 +131,9 @@ def main() -> None:
             profile_kinds(args.profile or ["naive", "softmask"], str(suite), args)
             return
         variants = args.variant if args.variant is not None else DEFAULT_VARIANTS
-        result = run_bench(BenchRequest(suite=str(suite), steps=args.steps, repeats=args.repeats,
-                                        device=args.device, variants=variants), echo=lambda line: print(line, flush=True))
+        request = BenchRequest(suite=str(suite), steps=args.steps, repeats=args.repeats, device=args.device,
+                               variants=variants)
+        result = run_bench(request, echo=lambda line: print(line, flush=True))
     lines = [table(result), ""]
     result["mfu"] = {}
     for kind in result["kinds"]:

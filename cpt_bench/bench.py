@@ -65,8 +65,8 @@ def plan_for(request: BenchRequest, kind: str):
     sets += [f"dap.batch_size={request.batch_size}"] if request.batch_size else []
     sets += [f"dap.seq_len={request.seq_len}"] if request.seq_len else []
     return plan_run(RunRequest(method="naive" if method == "hf_trainer" else method, suite=request.suite,
-                               data_dir=request.data_dir, order=request.order, model=request.model, sets=[*sets, *request.sets, *own_sets],
-                               device=request.device, show_progress=False))
+                               data_dir=request.data_dir, order=request.order, model=request.model,
+                               sets=[*sets, *request.sets, *own_sets], device=request.device, show_progress=False))
 
 
 def _peak_memory_mb(device) -> float:
@@ -147,10 +147,9 @@ def _profiled(enabled: bool, device, extra: dict[str, Any]):
     averages = profiler.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     extra["profile"] = averages.table(sort_by=sort, row_limit=30, max_name_column_width=70)
-    if device.type == "cuda":  # what the host spends its time on while the device may wait
+    if device.type == "cuda":  # also what the host spends its time on while the device may wait
         extra["profile"] += "\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
                                                   max_name_column_width=70)
-    if device.type == "cuda":
         extra["device_kernel_seconds"] = sum(e.self_device_time_total for e in averages
                                              if e.device_type.name == "CUDA") / 1e6
 
@@ -172,7 +171,8 @@ def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]
         arguments = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=settings.batch_size, max_steps=settings.steps,
             gradient_accumulation_steps=settings.grad_accum,
-            learning_rate=settings.lr, warmup_steps=int(settings.warmup * settings.steps), weight_decay=settings.weight_decay,
+            learning_rate=settings.lr, warmup_steps=int(settings.warmup * settings.steps),
+            weight_decay=settings.weight_decay,
             max_grad_norm=settings.max_grad_norm, logging_steps=10 ** 9, save_strategy="no", report_to=[],
             disable_tqdm=True, use_cpu=device.type == "cpu", bf16=settings.precision == "bf16",
             fp16=settings.precision == "fp16", dataloader_num_workers=0, seed=0,

@@ -200,6 +200,7 @@ def bench(
     from cpt_bench.results import write_json_atomic
     from cpt_bench.suite import DEFAULT_SUITE
 
+    _quiet_libraries()
     if steps < 2 or repeats < 1:
         raise BadInput("--steps must be at least 2 and --repeats at least 1")
     request = BenchRequest(suite=suite or DEFAULT_SUITE, data_dir=data_dir, model=model, batch_size=batch_size,
