@@ -9,27 +9,27 @@ contrastive loss on), plus the variants (default: softmask with `contrastive_vie
 `dap.compile=true`).
 
 MFU = 6 · N · tokens/s / peak, N = parameters without the embeddings (the usual convention), peak = the card's
-dense bf16 tensor throughput (H100/H200 SXM: 989 TFLOP/s; pass --peak-tflops for another card). One command,
+dense bf16 tensor throughput (H100/H200 SXM: 989 TFLOP/s; pass --peak-tflops for another card). Two other
+accountings are printed beside it (`flop_counts`): 6N with every parameter, and the FLOPs a masked-logits step
+needs with attention counted. One command,
 a few minutes; `--tiny --device cpu` is a smoke test of the script itself on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-
 DEFAULT_VARIANTS = ["softmask:softmask.contrastive_views=mlm_anchor", "naive:dap.compile=true"]
 
 
-def build_model(folder: Path, tiny: bool) -> int:
-    """A roberta-base-sized (or tiny) RobertaForMaskedLM with random weights and a local tokenizer; returns N."""
+def build_model(folder: Path, tiny: bool) -> dict[str, int]:
+    """A roberta-base-sized (or tiny) RobertaForMaskedLM with random weights and a local tokenizer; returns its
+    parameter counts and sizes (for the FLOP accountings)."""
     import torch
     from transformers import RobertaConfig, RobertaForMaskedLM
 
@@ -37,16 +37,20 @@ def build_model(folder: Path, tiny: bool) -> int:
 
     words = [f"w{i}" for i in range(5000)]
     tokenizer = build_tokenizer(words, 514)
-    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if tiny else \
-        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    tiny_size = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+    base_size = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+    size = tiny_size if tiny else base_size
     config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
                            pad_token_id=tokenizer.pad_token_id, **size)
     torch.manual_seed(0)
     model = RobertaForMaskedLM(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    every = sum(p.numel() for p in model.parameters())
     embeddings = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
-    return sum(p.numel() for p in model.parameters()) - embeddings
+    encoder = sum(p.numel() for n, p in model.named_parameters() if ".encoder." in n)
+    return {"all": every, "non_embedding": every - embeddings, "encoder": encoder, "layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
 
 
 def write_suite(folder: Path, model_dir: Path, batch_size: int, seq_len: int, precision: str) -> Path:
@@ -74,32 +78,16 @@ def write_suite(folder: Path, model_dir: Path, batch_size: int, seq_len: int, pr
     return yaml_path
 
 
-def profile_kinds(kinds: list[str], suite: str, args) -> None:
-    """Each kind's steps under torch.profiler, in a process of its own: the top operators by GPU time."""
-    import subprocess
-
-    from cpt_bench.bench import WARMUP_STEPS, BenchRequest
-
-    request = BenchRequest(suite=suite, steps=args.steps, repeats=1, device=args.device, profile=True)
-    report = []
-    for kind in kinds:
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-            out = Path(handle.name)
-        subprocess.run([sys.executable, "-m", "cpt_bench.bench", kind, str(out),
-                        json.dumps(dataclasses.asdict(request))], check=True)
-        measured = json.loads(out.read_text())
-        kernels = measured.get("device_kernel_seconds")
-        steps = args.steps + WARMUP_STEPS  # the profile spans the warm-up steps too
-        median_ms = statistics.median(measured["step_seconds"]) * 1000
-        kernel_line = "" if kernels is None else \
-            f"; GPU kernel time {kernels / steps * 1000:.1f} ms per step (all kernels of the stage / {steps} steps)"
-        report.append(f"## {kind}\n\nmedian step {median_ms:.1f} ms under the profiler{kernel_line}\n\n"
-                      f"```\n{measured['profile']}\n```\n")
-    text = "\n".join(report)
-    print(text, flush=True)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(f"{text}\nCommand: `python {' '.join(sys.argv)}`\n")
+def flop_counts(counts: dict[str, int], seq_len: int, mlm_probability: float = 0.15) -> dict[str, float]:
+    """Model FLOPs per token under three accountings (forward + backward = 3 x forward):
+    `6N_non_embedding` (the headline MFU), `6N_all` (every parameter, embeddings included: the literal 6N, which
+    counts the tied decoder at every position though we compute it at the masked ones only), and
+    `with_attention` (PaLM-style: 6 x encoder parameters + 12 L d S for the attention scores, plus the MLM head
+    and decoder at the masked positions only: the work a masked-logits step really needs)."""
+    layers, width, vocab = counts["layers"], counts["hidden_size"], counts["vocab_size"]
+    head = width * width + width * vocab  # transform + decoder matrices
+    return {"6N_non_embedding": 6 * counts["non_embedding"], "6N_all": 6 * counts["all"],
+            "with_attention": 6 * counts["encoder"] + 12 * layers * width * seq_len + 6 * head * mlm_probability}
 
 
 def main() -> None:
@@ -119,30 +107,43 @@ def main() -> None:
                         help="instead of timing: profile these kinds (default naive, softmask) with torch.profiler")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from cpt_bench.bench import BenchRequest, run_bench, table
+    from cpt_bench.bench import BenchRequest, profile_report, run_bench, table
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        n = build_model(folder / "model", args.tiny)
+        counts = build_model(folder / "model", args.tiny)
         precision = "bf16" if args.device == "cuda" else "no"
         suite = write_suite(folder, folder / "model", args.batch_size, args.seq_len, precision)
         os.environ.setdefault("CPT_BENCH_CACHE", str(folder / "cache"))
         if args.profile is not None:
-            profile_kinds(args.profile or ["naive", "softmask"], str(suite), args)
+            request = BenchRequest(suite=str(suite), steps=args.steps, device=args.device)
+            text, _ = profile_report(request, args.profile or ["naive", "softmask"])
+            print(text, flush=True)
+            if args.output:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.output).write_text(f"{text}\nCommand: `python {' '.join(sys.argv)}`\n")
             return
         variants = args.variant if args.variant is not None else DEFAULT_VARIANTS
         request = BenchRequest(suite=str(suite), steps=args.steps, repeats=args.repeats, device=args.device,
                                variants=variants)
         result = run_bench(request, echo=lambda line: print(line, flush=True))
     lines = [table(result), ""]
+    flops = flop_counts(counts, args.seq_len)
+    peak = args.peak_tflops * 1e12
     result["mfu"] = {}
+    result["mfu_by_accounting"] = {}
     for kind in result["kinds"]:
         tokens_per_second = result["tokens_per_second"][kind]
-        result["mfu"][kind] = mfu = 6 * n * tokens_per_second / (args.peak_tflops * 1e12)
-        lines.append(f"{kind:48s} {tokens_per_second:10.0f} tokens/s   MFU {mfu:.1%}")
-    lines.append(f"MFU = 6 N tokens/s / peak, N = {n / 1e6:.1f} M non-embedding parameters, peak "
-                 f"{args.peak_tflops:g} TFLOP/s bf16")
-    result.update(non_embedding_parameters=n, peak_tflops=args.peak_tflops)
+        by_accounting = {name: per_token * tokens_per_second / peak for name, per_token in flops.items()}
+        result["mfu"][kind] = mfu = by_accounting["6N_non_embedding"]
+        result["mfu_by_accounting"][kind] = by_accounting
+        lines.append(f"{kind:48s} {tokens_per_second:10.0f} tokens/s   MFU {mfu:.1%}   (6N all parameters "
+                     f"{by_accounting['6N_all']:.1%}, with attention {by_accounting['with_attention']:.1%})")
+    lines.append(f"MFU = 6 N tokens/s / peak, N = {counts['non_embedding'] / 1e6:.1f} M non-embedding parameters, "
+                 f"peak {args.peak_tflops:g} TFLOP/s bf16; 6N all parameters: N = {counts['all'] / 1e6:.1f} M; "
+                 f"with attention: {flops['with_attention'] / 1e6:.0f} MFLOP per token (see flop_counts)")
+    result.update(non_embedding_parameters=counts["non_embedding"], parameter_counts=counts,
+                  flops_per_token=flops, peak_tflops=args.peak_tflops)
     text = "\n".join(lines)
     print(text)
     if args.json:

@@ -97,7 +97,8 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     stamps: list[float] = []
     extra: dict[str, Any] = {}
     if split_kind(kind)[0] == "hf_trainer":
-        stamps = _hf_trainer_steps(model, plan.tokenizer, blocks, settings, accelerator.device)
+        with _profiled(request.profile, accelerator.device, extra):
+            stamps = _hf_trainer_steps(model, plan.tokenizer, blocks, settings, accelerator.device)
     else:
         method = plan.method_cls(plan.method_settings)
         original_step = method.after_optimizer_step
@@ -145,13 +146,58 @@ def _profiled(enabled: bool, device, extra: dict[str, Any]):
     with profile(activities=activities) as profiler:
         yield
     averages = profiler.key_averages()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    cuda = device.type == "cuda"
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     extra["profile"] = averages.table(sort_by=sort, row_limit=30, max_name_column_width=70)
-    if device.type == "cuda":  # also what the host spends its time on while the device may wait
+    if cuda:  # also what the host spends its time on while the device may wait
         extra["profile"] += "\n" + averages.table(sort_by="self_cpu_time_total", row_limit=15,
                                                   max_name_column_width=70)
         extra["device_kernel_seconds"] = sum(e.self_device_time_total for e in averages
                                              if e.device_type.name == "CUDA") / 1e6
+    # the matrix products are the work every implementation of the same model must do: what is left to win
+    # lies outside them
+    own_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    extra["matmul_seconds"] = sum(own_time(e) for e in averages if e.key in MATMUL_OPERATORS) / 1e6
+    extra["profiled_seconds"] = sum(own_time(e) for e in averages
+                                    if (e.device_type.name == "CUDA") == cuda) / 1e6
+
+
+MATMUL_OPERATORS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def profile_report(request: BenchRequest, kinds: list[str]) -> tuple[str, dict[str, Any]]:
+    """Each kind's steps under torch.profiler, in a process of its own: markdown with the median step, the
+    time in matrix products per step and the top operators (by device time on a GPU, else CPU time), and the
+    same numbers by kind."""
+    request = dataclasses.replace(request, repeats=1, profile=True)
+    steps = request.steps + WARMUP_STEPS  # the profile spans the warm-up steps too
+    sections, numbers = [], {}
+    for kind in kinds:
+        measured = _measure_in_process(kind, request)
+        numbers[kind] = {"median_step_ms": statistics.median(measured["step_seconds"]) * 1000,
+                         "profiled_ms_per_step": measured["profiled_seconds"] / steps * 1000,
+                         "matmul_ms_per_step": measured["matmul_seconds"] / steps * 1000,
+                         "profile": measured["profile"]}
+        where = "GPU kernels" if measured.get("device_kernel_seconds") is not None else "CPU operators"
+        per_step = f"{where}: {numbers[kind]['profiled_ms_per_step']:.1f} ms per step, of which matrix products " \
+                   f"{numbers[kind]['matmul_ms_per_step']:.1f} ms (all of the profiled block / {steps} steps)"
+        sections.append(f"## {kind}\n\nmedian step {numbers[kind]['median_step_ms']:.1f} ms under the profiler; "
+                        f"{per_step}\n\n```\n{measured['profile']}\n```\n")
+    return "\n".join(sections), numbers
+
+
+def _measure_in_process(kind: str, request: BenchRequest) -> dict[str, Any]:
+    """`measure` in a fresh process (its own peak memory, no state left by an earlier kind)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = Path(handle.name)
+    try:
+        command = [sys.executable, "-m", "cpt_bench.bench", kind, str(out), json.dumps(dataclasses.asdict(request))]
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench {kind} failed:\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]:
@@ -189,14 +235,7 @@ def run_bench(request: BenchRequest, echo=print) -> dict[str, Any]:
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in request.kinds}
     for repeat in range(request.repeats):
         for kind in request.kinds:
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-                out = Path(handle.name)
-            command = [sys.executable, "-m", "cpt_bench.bench", kind, str(out), json.dumps(dataclasses.asdict(request))]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"bench {kind} failed:\n{done.stderr[-3000:]}")
-            samples[kind].append(json.loads(out.read_text()))
-            out.unlink()
+            samples[kind].append(_measure_in_process(kind, request))
             median = statistics.median(samples[kind][-1]["step_seconds"])
             echo(f"repeat {repeat + 1}/{request.repeats} {kind} {median * 1000:.1f} ms/step")
     step = {k: statistics.median(statistics.median(s["step_seconds"]) for s in v) for k, v in samples.items()}

@@ -194,9 +194,12 @@ def bench(
     variant: Annotated[Optional[list[str]], typer.Option(
         help="an extra kind, METHOD or METHOD:block.key=value,... (e.g. softmask:softmask.contrastive=false)")] = None,
     json_file: Annotated[Optional[str], typer.Option("--json", help="write the numbers to this JSON file")] = None,
+    profile: Annotated[bool, typer.Option(
+        help="instead of timing: each kind once under torch.profiler (time in matrix products, top operators)")
+    ] = False,
 ) -> None:
     """Side-by-side step speed: transformers.Trainer vs our naive step vs softmask; peak memory; importance."""
-    from cpt_bench.bench import BenchRequest, run_bench, table
+    from cpt_bench.bench import BenchRequest, profile_report, run_bench, table
     from cpt_bench.results import write_json_atomic
     from cpt_bench.suite import DEFAULT_SUITE
 
@@ -211,6 +214,13 @@ def bench(
 
     for kind in request.kinds:  # bad input (suite, model, sizes, settings) fails here, in one line, before any process
         plan_for(request, kind)
+    if profile:
+        text, numbers = profile_report(request, list(request.kinds))
+        typer.echo(text)
+        if json_file:
+            write_json_atomic(Path(json_file), numbers)
+            typer.echo(f"wrote {json_file}")
+        return
     result = run_bench(request, echo=typer.echo)
     typer.echo(table(result))
     if json_file:

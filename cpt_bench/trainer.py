@@ -105,8 +105,13 @@ def adamw(parameters: list[nn.Parameter], named: dict[int, str], lr: float, weig
         name = named.get(id(p), "")
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = bool(parameters) and parameters[0].is_cuda
+    # the fused kernel: one pass per parameter group instead of ~8 operators per tensor (on 2 CPU cores 0.5 vs
+    # 2.9 ms per step on the default model); it rounds differently from the per-tensor path in the last bits
+    fused = bool(parameters) and parameters[0].device.type in FUSED_ADAMW_DEVICES
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
+
+
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
 @dataclasses.dataclass

@@ -36,3 +36,19 @@ def test_bench_rejects_an_unknown_variant_before_measuring(tiny_suite):
                      "--set", "softmask.no_such_setting=1")
     assert result.exit_code == 2
     assert_one_line_error(result, "no_such_setting")
+
+
+def test_bench_profile_reports_where_each_kinds_time_goes(tiny_suite, monkeypatch):
+    from cpt_bench import bench
+
+    # in this process rather than one per kind (the CLI's way): the same measurement, without the start-up cost
+    monkeypatch.setattr(bench, "_measure_in_process", bench.measure)
+    text, numbers = bench.profile_report(bench.BenchRequest(suite=str(tiny_suite), steps=2, device="cpu"),
+                                         ["hf_trainer", "naive"])
+    assert list(numbers) == ["hf_trainer", "naive"]
+    for kind, measured in numbers.items():
+        assert f"## {kind}" in text
+        # the matrix products are part of the profiled operators, and every kind has some: the Trainer's steps
+        # are inside the profiled block too, not only its set-up
+        assert 0 < measured["matmul_ms_per_step"] <= measured["profiled_ms_per_step"]
+        assert "aten::addmm" in measured["profile"]
