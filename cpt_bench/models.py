@@ -138,11 +138,13 @@ def mlm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor],
     """`mlm_loss` and the encoder's last hidden states it was computed from (a method may reuse the pass);
     `body` replaces the encoder call (a compiled encoder)."""
     body = encoder(model) if body is None else body
+    labels = batch["labels"].flatten()
+    # the one read from the device a masked-logits step needs (how many positions are masked), made before
+    # the encoder is queued so that it waits for nothing on a GPU
+    positions = (labels != -100).nonzero().squeeze(1)
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    labels = batch["labels"]
-    masked = labels != -100
-    if not masked.any():
+    if positions.numel() == 0:
         # keep the graph connected so every process runs the same backward
         return hidden.sum() * 0.0, hidden
-    logits = mlm_head(model)(hidden[masked])
-    return nn.functional.cross_entropy(logits.float(), labels[masked]), hidden
+    logits = mlm_head(model)(hidden.flatten(0, 1).index_select(0, positions))
+    return nn.functional.cross_entropy(logits.float(), labels.index_select(0, positions)), hidden

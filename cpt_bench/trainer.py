@@ -56,12 +56,13 @@ class StageState:
     seed: int
     step: int = 0  # optimizer steps done
     resumed: bool = False  # True: the stage continues from a mid-stage checkpoint (before_domain ran before it)
-    terms: dict[str, float] = dataclasses.field(default_factory=dict)  # this step's named loss terms
+    terms: dict[str, Any] = dataclasses.field(default_factory=dict)  # this step's named loss terms (on the device)
 
     def log_term(self, name: str, value: torch.Tensor) -> None:
         """Record a named term of this micro-batch's loss (a method that adds terms logs its plain "mlm" part,
-        so the stage's loss curve stays comparable across methods)."""
-        self.terms[name] = self.terms.get(name, 0.0) + float(value.detach().float()) / self.settings.grad_accum
+        so the stage's loss curve stays comparable across methods). Summed on the device: the trainer reads all
+        of a step's numbers in one transfer."""
+        self.terms[name] = self.terms.get(name, 0.0) + value.detach().float() / self.settings.grad_accum
 
 
 @dataclasses.dataclass
@@ -187,26 +188,34 @@ class DapTrainer:
                     "losses": losses, "terms": term_history, "tokens": tokens, "skipped": skipped,
                     "seconds": time.perf_counter() - started}
 
+        batch = next(batches)
         for step in range(first_step, total_steps):
-            step_loss = 0.0
+            # the step's numbers stay on the device until one read after clipping: a read waits for the device
+            # to finish, so each one would leave it idle while the host prepares what comes next
+            step_loss = torch.zeros((), device=accelerator.device)
+            step_tokens = torch.zeros((), device=accelerator.device)
             state.terms = {}
             for _ in range(s.grad_accum):
-                batch = next(batches)
                 with accelerator.autocast():
                     loss = self.method.loss(state, batch) / s.grad_accum
                 accelerator.backward(loss)
-                step_loss += loss.detach().float().item()
-                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                step_loss += loss.detach().float()
+                step_tokens += batch["attention_mask"].sum()
+                batch = next(batches)  # masked and moved while the device still runs this backward
             if accelerator.scaler is not None:  # fp16: methods and clipping see true gradient values
                 accelerator.unscale_gradients()
             self.method.after_backward(state)
             # max_norm inf: the norm without clipping (a non-finite gradient must be seen either way)
             norm = torch.nn.utils.clip_grad_norm_(parameters, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
-            finite = torch.tensor([math.isfinite(step_loss) and bool(torch.isfinite(norm))], dtype=torch.float32,
-                                  device=accelerator.device)
+            finite = (torch.isfinite(step_loss) & torch.isfinite(norm)).float().reshape(1)
             if accelerator.num_processes > 1:  # every process takes the same decision
                 finite = accelerator.reduce(finite, reduction="mean")
-            if float(finite) < 1.0 and accelerator.scaler is None:
+            term_names = list(state.terms)
+            read = torch.stack([finite[0], step_loss, step_tokens, *(state.terms[n] for n in term_names)]).tolist()
+            all_finite, step_loss, step_tokens = read[0] == 1.0, read[1], int(read[2])
+            state.terms = dict(zip(term_names, read[3:]))
+            tokens += step_tokens * accelerator.num_processes
+            if not all_finite and accelerator.scaler is None:
                 what = "loss" if not math.isfinite(step_loss) else "gradient"
                 raise TrainingFailed(f"non-finite {what} in stage {stage.name!r} at step {step + 1} (lower dap.lr, "
                                      f"or use dap.precision=fp16 to skip such steps); the run's last checkpoint "

@@ -99,9 +99,10 @@ def test_crash_inside_a_stage_then_resume_gives_the_same_result(method, tiny_sui
                                                                   reference_runs):
     reference = reference_runs(method)
     out = tmp_path / "crashed"
-    # the tiny suite trains 4 steps per domain; checkpoints every 2 steps. Batch 7 is drawn for step 3 of the
-    # second stage (joint: step 7 of its one 8-step stage): the run loses step 3 and resumes from step 2
-    _crash_at_batch(monkeypatch, 7)
+    # the tiny suite trains 4 steps per domain; checkpoints every 2 steps. The trainer draws each batch during
+    # the step before (so a stage draws 5); draw 9 is made in step 3 of the second stage (joint: in step 8 of
+    # its one 8-step stage): the run loses step 3 and resumes from step 2 (joint: from step 6)
+    _crash_at_batch(monkeypatch, 9)
     with pytest.raises(Crash):
         _run(tiny_suite, out, method)
     assert not list(out.glob("*.json")), "a crashed run left a result file"
@@ -147,7 +148,7 @@ def test_fresh_ignores_the_checkpoints(tiny_suite, tmp_path, monkeypatch, refere
 
 def test_only_the_newest_checkpoint_is_kept(tiny_suite, tmp_path, monkeypatch):
     out = tmp_path / "crashed"
-    _crash_at_batch(monkeypatch, 8)
+    _crash_at_batch(monkeypatch, 9)  # in step 3 of the second stage (see above)
     with pytest.raises(Crash):
         _run(tiny_suite, out, "naive")
     (work,) = (out / ".work").iterdir()
