@@ -6,6 +6,7 @@ import json
 import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -54,6 +55,33 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     BertForMaskedLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_lm(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny model's parts, for tests that drive a method's events directly: its tokenizer, `model()` (a fresh
+    copy, loaded after seeding 0), `blocks(texts, name)` (16-token MLM blocks) and `batch(blocks, seed, rows)`
+    (the first rows, masked at 30%); the cache in a temp folder."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from cpt_bench.data import MaskingCollator, mlm_blocks
+
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def model():
+        torch.manual_seed(0)
+        return AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+
+    def blocks(texts: list[str], name: str):
+        return mlm_blocks(texts, tokenizer, 16, name)
+
+    def batch(rows_of, seed: int = 1, rows: int = 4):
+        collate = MaskingCollator(tokenizer, 0.3, torch.Generator().manual_seed(seed))
+        return collate([rows_of[i] for i in range(rows)])
+
+    return SimpleNamespace(tokenizer=tokenizer, model=model, blocks=blocks, batch=batch)
 
 
 def tiny_suite_data(root: Path) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import assert_one_line_error, run_cli
 
 
@@ -127,6 +126,7 @@ def test_prompt_task_with_a_verbalizer_word_the_model_lacks(tiny_suite, tmp_path
 
 def test_a_broken_plugin_file_does_not_take_other_methods_down(tmp_path, monkeypatch):
     import cpt_bench.baselines
+
     from cpt_bench import plugin
     from cpt_bench.errors import BadInput
 

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error, run_cli
 from cpt_bench.baselines.adapter import AdaptedProjection, adapter_key
+
 from cpt_bench.data import EndTaskData, EndTaskSplit, MaskingCollator, mlm_blocks
 from cpt_bench.evaluator import EndTaskEvaluator
 from cpt_bench.models import mlm_head, mlm_loss

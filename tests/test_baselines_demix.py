@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error, run_cli
 from cpt_bench.baselines.demix import expert_ffns, expert_parameters, routed, set_mixture
-from cpt_bench.data import MaskingCollator, mlm_blocks
+
+from cpt_bench.data import MaskingCollator
 from cpt_bench.plugin import SequenceState, Stage, method_class
 from cpt_bench.settings import DapSettings
 from cpt_bench.trainer import DapTrainer
@@ -27,20 +27,13 @@ DOGS = [f"the dogs was {a} and {b} ." for a in ("wag", "fetch", "loyal")
 
 
 @pytest.fixture
-def tiny(tiny_model_dir, tmp_path, monkeypatch):
+def tiny(tiny_lm):
     from accelerate import Accelerator
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    blocks = {"cats": mlm_blocks(CATS * 4, tokenizer, 16, "cats"),
-              "dogs": mlm_blocks(DOGS * 4, tokenizer, 16, "dogs")}
-    collate = MaskingCollator(tokenizer, 0.3, torch.Generator().manual_seed(1))
-    batch = collate([blocks["cats"][i] for i in range(4)])
-    return SimpleNamespace(model=model, original=copy.deepcopy(model), tokenizer=tokenizer, blocks=blocks,
-                           batch=batch, accelerator=Accelerator(cpu=True))
+    model = tiny_lm.model()
+    blocks = {"cats": tiny_lm.blocks(CATS * 4, "cats"), "dogs": tiny_lm.blocks(DOGS * 4, "dogs")}
+    return SimpleNamespace(model=model, original=copy.deepcopy(model), tokenizer=tiny_lm.tokenizer, blocks=blocks,
+                           batch=tiny_lm.batch(blocks["cats"]), accelerator=Accelerator(cpu=True))
 
 
 def _demix(tiny, **settings):
@@ -93,8 +86,8 @@ def test_mixture_is_the_weighted_sum_of_expert_ffns(tiny):
     method = _demix(tiny)
     method.prepare_stage(tiny.model, Stage("cats", ["cats"]), 0)
     with torch.no_grad():
-        for p in tiny.model.parameters():
-            if ".experts.1." in dict((id(q), n) for n, q in tiny.model.named_parameters())[id(p)]:
+        for name, p in tiny.model.named_parameters():
+            if ".experts.1." in name:
                 p.add_(torch.randn_like(p) * 0.5)
     layer = tiny.model.bert.encoder.layer[0]
     expert_in, expert_out = expert_ffns(tiny.model)[0]

@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import assert_one_line_error, run_cli
-from cpt_bench.data import MaskingCollator, mlm_blocks
+
 from cpt_bench.plugin import SequenceState, Stage, method_class
 from cpt_bench.settings import DapSettings
 from cpt_bench.trainer import DapTrainer, MaskedLMObjective
@@ -22,17 +21,11 @@ DOGS = [f"the dogs was {a} and {b} ." for a in ("wag", "fetch", "loyal") for b i
 
 
 @pytest.fixture
-def tiny(tiny_model_dir, tmp_path, monkeypatch):
+def tiny(tiny_lm):
     from accelerate import Accelerator
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer = tiny_lm.tokenizer
     settings = DapSettings(steps=3, batch_size=4, seq_len=16, lr=1e-2, mlm_probability=0.3)
-
-    def model():
-        torch.manual_seed(0)
-        return AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
 
     def stage(lm, blocks, index=0):
         """What a method event sees (the parts these methods read)."""
@@ -41,14 +34,9 @@ def tiny(tiny_model_dir, tmp_path, monkeypatch):
                                settings=settings, stage=Stage(f"stage{index}", [f"stage{index}"]),
                                log_term=lambda name, value: None)
 
-    def batch(seed=1, rows=4):
-        collate = MaskingCollator(tokenizer, 0.3, torch.Generator().manual_seed(seed))
-        return collate([blocks["cats"][i] for i in range(rows)])
-
-    blocks = {"cats": mlm_blocks(CATS * 4, tokenizer, 16, "cats"),
-              "dogs": mlm_blocks(DOGS * 4, tokenizer, 16, "dogs")}
-    return SimpleNamespace(model=model, stage=stage, batch=batch, blocks=blocks, tokenizer=tokenizer,
-                           settings=settings)
+    blocks = {"cats": tiny_lm.blocks(CATS * 4, "cats"), "dogs": tiny_lm.blocks(DOGS * 4, "dogs")}
+    return SimpleNamespace(model=tiny_lm.model, stage=stage, blocks=blocks, tokenizer=tokenizer, settings=settings,
+                           batch=lambda seed=1, rows=4: tiny_lm.batch(blocks["cats"], seed, rows))
 
 
 def _method(name, **settings):
@@ -112,8 +100,8 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_its_gradient_points_back(tiny):
 
 def test_ewc_fisher_is_the_mean_squared_batch_gradient(tiny):
     from accelerate import Accelerator
-
     from cpt_bench.baselines.ewc import diagonal_fisher
+
     from cpt_bench.models import mlm_loss
 
     model = tiny.model().train()

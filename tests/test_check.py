@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 from test_report import result, write
 

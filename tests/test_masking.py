@@ -50,7 +50,7 @@ def big_batch(tokenizer):
 
 
 def test_about_15_percent_of_tokens_are_chosen(big_batch):
-    original, out = big_batch
+    _, out = big_batch
     chosen = out["labels"] != -100
     rate = chosen.float().mean().item()
     assert 0.13 <= rate <= 0.17, rate
@@ -134,7 +134,7 @@ def test_padding_and_special_tokens_are_never_chosen(tokenizer, probability):
 
 def test_special_tokens_inside_a_sequence_are_never_chosen(tokenizer):
     # pairs: [CLS] a [SEP] b [SEP]; also [UNK] and [MASK] already in the text
-    low, high = _word_ids(tokenizer)
+    low, _ = _word_ids(tokenizer)
     specials = set(tokenizer.all_special_ids)
     row = [tokenizer.cls_token_id, low, low + 1, tokenizer.sep_token_id, tokenizer.unk_token_id, low + 2,
            tokenizer.mask_token_id, low + 3, tokenizer.sep_token_id]

@@ -6,7 +6,6 @@ import json
 import math
 
 import yaml
-
 from conftest import run_cli
 
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import run_cli
 
 CONTRACT_KEYS = ["schema", "method", "method_config", "suite", "domains", "seed", "model", "matrix", "base",

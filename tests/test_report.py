@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 SCHEMA = "cpt-bench/run/v1"

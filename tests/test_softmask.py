@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import run_cli
-from cpt_bench.data import MaskingCollator, mlm_blocks
+
 from cpt_bench.errors import BadInput
 from cpt_bench.models import mlm_loss
 from cpt_bench.plugin import SequenceState, method_class
@@ -21,23 +20,17 @@ from cpt_bench.units import UnitMap, accumulate, normalise
 
 
 @pytest.fixture
-def tiny(tiny_model_dir, tmp_path, monkeypatch):
+def tiny(tiny_lm):
     from accelerate import Accelerator
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model, tokenizer = tiny_lm.model(), tiny_lm.tokenizer
     texts = [f"the cats was {a} and {b} ." for a in ("purr", "nap", "soft", "calm") for b in ("hiss", "bite", "claw")]
-    blocks = mlm_blocks(texts * 4, tokenizer, 16, "tiny")
+    blocks = tiny_lm.blocks(texts * 4, "tiny")
     settings = DapSettings(batch_size=4, seq_len=16, mlm_probability=0.3)
     stage = SimpleNamespace(stage_index=1, model=model, accelerator=Accelerator(cpu=True), tokenizer=tokenizer,
                             blocks=blocks, settings=settings, stage=SimpleNamespace(name="cats"),
                             log_term=lambda name, value: None)
-    collate = MaskingCollator(tokenizer, 0.3, torch.Generator().manual_seed(1))
-    batch = collate([blocks[i] for i in range(4)])
-    return SimpleNamespace(model=model, tokenizer=tokenizer, stage=stage, batch=batch)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, stage=stage, batch=tiny_lm.batch(blocks))
 
 
 def _softmask(model, **settings):
@@ -149,7 +142,7 @@ def test_gradient_mask_is_cancelled_by_adam(tiny):
 
 
 def test_contrastive_positives_are_two_views_of_the_same_text(tiny, monkeypatch):
-    import cpt_bench.methods.softmask as softmask
+    from cpt_bench.methods import softmask
 
     captured = {}
 
@@ -173,6 +166,7 @@ def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(ti
     representation of the masked text and carries the gradient; the positive is the full network on the same
     text unmasked, the negatives the gated network on it, both fixed targets without dropout."""
     from cpt_bench.methods import softmask
+
     from cpt_bench.models import encoder
     from cpt_bench.trainer import MaskedLMObjective
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from cpt_bench.synthetic import BaseModelRecipe, SyntheticParams, build_base_model, build_languages, generate
 
 
