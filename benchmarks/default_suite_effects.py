@@ -100,8 +100,8 @@ def main() -> None:
     ]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
     lines = ["# What the default suite shows", "",
-             f"Measured by `python benchmarks/default_suite_effects.py{' --from-runs ' + str(runs) if args.from_runs else ''}` "
-             f"on {machine}; result files in `{runs}`.", "",
+             (f"Measured by `python benchmarks/default_suite_effects.py{' --from-runs ' + str(runs) if args.from_runs else ''}` "
+             f"on {machine}; result files in `{runs}`."), "",
              "| effect | definition | measured (mean over seeds 0, 1, 2) | required | met |",
              "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} | {'yes' if e else 'NO'} |" for a, b, c, d, e in rows]

@@ -54,10 +54,10 @@ def main() -> None:
         print(f"{args.setting}={value}: dev perplexity {rows[-1][1]:.3f}", flush=True)
     best = min(rows, key=lambda r: r[1])
     lines = [f"# Sweep of `{args.setting}` on suite `{args.suite}` (seed {args.seed})", "",
-             f"Command: `python benchmarks/sweep.py {args.setting} {args.grid} --seed {args.seed}`. "
+             (f"Command: `python benchmarks/sweep.py {args.setting} {args.grid} --seed {args.seed}`. "
              "Chosen by the dev criterion only: mean over domains of the final held-out MLM perplexity "
              "(lower is better); end-task test scores (`--eval final`) are shown for information and were not "
-             "used.", "",
+             "used."), "",
              "| value | dev: mean final held-out perplexity | final MF1 (test, not used) | forgetting MF1 | result |",
              "|---|---|---|---|---|"]
     lines += [f"| {v} | {c:.3f}{' (chosen)' if (v, c) == best[:2] else ''} | {f:.3f} | "
