@@ -206,6 +206,8 @@ def bench(
     _quiet_libraries()
     if steps < 2 or repeats < 1:
         raise BadInput("--steps must be at least 2 and --repeats at least 1")
+    if profile and json_file:  # the benchmark file has the timing run's keys (CONTRACT.md); a profile has none
+        raise BadInput("--json writes the timing run's numbers; --profile prints its tables instead (redirect them)")
     request = BenchRequest(suite=suite or DEFAULT_SUITE, data_dir=data_dir, model=model, batch_size=batch_size,
                            order=[d.strip() for d in order.split(",")] if order is not None else None,
                            seq_len=seq_len, steps=steps, repeats=repeats, device=device, sets=list(set_ or []),
@@ -215,11 +217,7 @@ def bench(
     for kind in request.kinds:  # bad input (suite, model, sizes, settings) fails here, in one line, before any process
         plan_for(request, kind)
     if profile:
-        text, numbers = profile_report(request, list(request.kinds))
-        typer.echo(text)
-        if json_file:
-            write_json_atomic(Path(json_file), numbers)
-            typer.echo(f"wrote {json_file}")
+        typer.echo(profile_report(request, list(request.kinds))[0])
         return
     result = run_bench(request, echo=typer.echo)
     typer.echo(table(result))

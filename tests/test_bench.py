@@ -36,6 +36,10 @@ def test_bench_rejects_an_unknown_variant_before_measuring(tiny_suite):
                      "--set", "softmask.no_such_setting=1")
     assert result.exit_code == 2
     assert_one_line_error(result, "no_such_setting")
+    # the benchmark file keeps the timing run's keys (CONTRACT.md): a profile is printed, never written there
+    result = run_cli("bench", "--suite", str(tiny_suite), "--profile", "--json", "bench.json")
+    assert result.exit_code == 2
+    assert_one_line_error(result, "--profile")
 
 
 def test_bench_profile_reports_where_each_kinds_time_goes(tiny_suite, monkeypatch):
