@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from cpt_bench.baselines.kd import head_outputs, masked_logits
 from torch import nn
 
-from cpt_bench.baselines.kd import head_outputs, masked_logits
 from cpt_bench.errors import BadInput
 from cpt_bench.plugin import Method, SequenceState, register
 

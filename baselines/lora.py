@@ -15,9 +15,9 @@ import dataclasses
 import warnings
 
 import torch
+from cpt_bench.baselines.adapter import DomainAdapters
 from torch import nn
 
-from cpt_bench.baselines.adapter import DomainAdapters
 from cpt_bench.errors import BadInput
 from cpt_bench.plugin import register
 from cpt_bench.units import UnitMap

@@ -139,7 +139,7 @@ class StopSignal:
         self.enabled = enabled  # off: the signals keep their default effect (multi-process runs stop at once)
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> StopSignal:
+    def __enter__(self) -> StopSignal:  # noqa: PYI034  (typing.Self needs Python 3.11)
         for sig in (signal.SIGINT, signal.SIGTERM) if self.enabled else ():
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -59,18 +59,18 @@ def list_command(what: Annotated[str, typer.Argument(help="methods or suites")])
 @exits_2_on_bad_input
 def run(
     method: Annotated[str, typer.Option(help="registered method (cpt-bench list methods)")],
-    suite: Annotated[Optional[str], typer.Option(help="registered suite name or suite YAML path")] = None,
-    order: Annotated[Optional[str], typer.Option(help="domain order: comma-separated names, or NAME:K for row K "
+    suite: Annotated[str | None, typer.Option(help="registered suite name or suite YAML path")] = None,
+    order: Annotated[str | None, typer.Option(help="domain order: comma-separated names, or NAME:K for row K "
                                                       "of a suite's named orders (das6: paper:0..4)")] = None,
-    seed: Annotated[Optional[list[int]], typer.Option(help="run seed (repeatable: one run per seed)")] = None,
-    model: Annotated[Optional[str], typer.Option(help="HF id, local dir or alias")] = None,
-    data_dir: Annotated[Optional[str], typer.Option(help="root folder of the suite's data files")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="DAP optimizer steps per domain")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="run seed (repeatable: one run per seed)")] = None,
+    model: Annotated[str | None, typer.Option(help="HF id, local dir or alias")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="root folder of the suite's data files")] = None,
+    steps: Annotated[int | None, typer.Option(help="DAP optimizer steps per domain")] = None,
     output: Annotated[str, typer.Option(help="folder for result files")] = "results/runs",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     eval: Annotated[str, typer.Option("--eval", help="full (paper protocol) or final")] = "full",
-    limit: Annotated[Optional[int], typer.Option(help="cap every split and corpus at N examples")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE override, e.g. dap.lr=1e-4")] = None,
+    limit: Annotated[int | None, typer.Option(help="cap every split and corpus at N examples")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override, e.g. dap.lr=1e-4")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="optimizer steps between mid-stage checkpoints "
                                                        "(0: at stage ends only)")] = 500,
@@ -84,8 +84,8 @@ def run(
     An interrupted run (crash, SIGKILL, SIGINT/SIGTERM) continues from its last checkpoint when the same
     command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
     from cpt_bench.checkpoint import StopRequested, StopSignal
-    from cpt_bench.runner import RunRequest, execute, make_accelerator, plan_run
     from cpt_bench.results import write_artifacts, write_json_atomic
+    from cpt_bench.runner import RunRequest, execute, make_accelerator, plan_run
     from cpt_bench.suite import DEFAULT_SUITE
 
     _quiet_libraries()
@@ -133,12 +133,12 @@ def _print_summary(result: dict, path: Path) -> None:
 @app.command()
 @exits_2_on_bad_input
 def report(
-    paths: Annotated[Optional[list[str]], typer.Argument(help="result files or folders")] = None,
+    paths: Annotated[list[str] | None, typer.Argument(help="result files or folders")] = None,
     format: Annotated[str, typer.Option("--format", help="markdown, latex, csv, json or html")] = "markdown",
-    output: Annotated[Optional[str], typer.Option(help="write the table to this file")] = None,
+    output: Annotated[str | None, typer.Option(help="write the table to this file")] = None,
     by_order: Annotated[bool, typer.Option("--by-order", help="one row per domain order (default: "
                                                                "average over orders, as paper tables do)")] = False,
-    plots: Annotated[Optional[str], typer.Option(help="also write PNG plots into this folder")] = None,
+    plots: Annotated[str | None, typer.Option(help="also write PNG plots into this folder")] = None,
 ) -> None:
     """Aggregate result files: one row per method and configuration, mean ± std over seeds and orders."""
     from cpt_bench.report import report as make_report
@@ -180,20 +180,20 @@ def check(
 @app.command()
 @exits_2_on_bad_input
 def bench(
-    suite: Annotated[Optional[str], typer.Option(help="suite whose first domain's blocks are used")] = None,
-    data_dir: Annotated[Optional[str], typer.Option(help="root folder of the suite's data files")] = None,
-    order: Annotated[Optional[str], typer.Option(help="domain order (comma-separated); its first domain's "
+    suite: Annotated[str | None, typer.Option(help="suite whose first domain's blocks are used")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="root folder of the suite's data files")] = None,
+    order: Annotated[str | None, typer.Option(help="domain order (comma-separated); its first domain's "
                                                       "blocks are used")] = None,
-    model: Annotated[Optional[str], typer.Option(help="model (default: the suite's)")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="rows per step (default: the suite's)")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="tokens per row (default: the suite's)")] = None,
+    model: Annotated[str | None, typer.Option(help="model (default: the suite's)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="rows per step (default: the suite's)")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per row (default: the suite's)")] = None,
     steps: Annotated[int, typer.Option(help="timed steps per measurement (after 3 warm-up steps)")] = 20,
     repeats: Annotated[int, typer.Option(help="alternating repeats of each kind")] = 3,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="block.key=value for every kind")] = None,
-    variant: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option("--set", help="block.key=value for every kind")] = None,
+    variant: Annotated[list[str] | None, typer.Option(
         help="an extra kind, METHOD or METHOD:block.key=value,... (e.g. softmask:softmask.contrastive=false)")] = None,
-    json_file: Annotated[Optional[str], typer.Option("--json", help="write the numbers to this JSON file")] = None,
+    json_file: Annotated[str | None, typer.Option("--json", help="write the numbers to this JSON file")] = None,
     profile: Annotated[bool, typer.Option(
         help="instead of timing: each kind once under torch.profiler (time in matrix products, top operators)")
     ] = False,
@@ -230,7 +230,7 @@ def bench(
 @exits_2_on_bad_input
 def importance(
     result: Annotated[str, typer.Argument(help="result file of a soft-masking run")],
-    output: Annotated[Optional[str], typer.Option(help="PNG path (default: <result stem>.importance.png)")] = None,
+    output: Annotated[str | None, typer.Option(help="PNG path (default: <result stem>.importance.png)")] = None,
 ) -> None:
     """Per-layer summary of a soft-masking run's unit importances, and a heatmap PNG."""
     from cpt_bench.importance import default_png_path, load_importances, summary_text, write_png

@@ -110,7 +110,7 @@ def read_hub_records(source: HubSource) -> tuple[list[dict[str, Any]], str]:
 
     try:
         dataset = datasets.load_dataset(source.hub, source.config, split=source.split)
-    except Exception as error:  # the hub raises many types; all mean "cannot load this id here"
+    except Exception as error:  # noqa: BLE001  (the hub raises many types; all mean "cannot load this id here")
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "not in the local cache and the hub is offline" if offline else type(error).__name__
         raise BadInput(f"cannot load hub dataset {source.hub!r} ({why})") from None

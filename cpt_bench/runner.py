@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import datetime
+import functools
 import hashlib
 import json
 import sys
@@ -311,7 +311,8 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
             scheduled = sorted(trained_now)
         evaluations = _row_evaluations(work, index)  # what this row already measured before an interruption
 
-        def measured(key: str, compute) -> Any:
+        # (called at once: the defaults only pin this row's values for the linter's sake)
+        def measured(key: str, compute, evaluations=evaluations, index=index, stage=stage) -> Any:
             """One measurement of this row: replayed from progress.json, or computed and saved there."""
             if key in evaluations:
                 set_rng_state(evaluations[key]["rng"])
@@ -328,14 +329,14 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
         row_seconds: list[float | None] = [None] * columns
         for column in method.end_tasks_after_stage(index, scheduled):
             task = data.tasks[column]
-            scores = measured(f"task:{task.name}", lambda: evaluator.evaluate(
+            scores = measured(f"task:{task.name}", lambda column=column, task=task: evaluator.evaluate(
                 method.end_task_lm(model, column), task, finetune_seed(seed, task.name)))
             row_f1[column], row_acc[column] = scores["macro_f1"], scores["accuracy"]
             row_seconds[column] = scores.get("seconds")
-        probe_scores = [measured(f"probe:{probe.name}", lambda: evaluator.evaluate(
+        probe_scores = [measured(f"probe:{probe.name}", lambda probe=probe: evaluator.evaluate(
             method.probe_lm(model), probe, finetune_seed(seed, probe.name))) for probe in data.probes]
         # a learned domain is scored with the LM the method fine-tunes for it, anything else with its general LM
-        perplexity_row = measured("perplexity", lambda: [
+        perplexity_row = measured("perplexity", lambda learned=learned: [
             heldout_perplexity(plan, data, method.end_task_lm(model, plan.domains.index(c)) if c in plan.domains
                                and plan.domains.index(c) in learned else method.probe_lm(model), c, accelerator)
             for c in perplexity_corpora])

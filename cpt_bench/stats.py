@@ -65,5 +65,5 @@ def paired_bootstrap(differences: list[float], resamples: int = 10000, seed: int
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(differences, k=n)) / n for _ in range(resamples))
     low = means[int(0.025 * (resamples - 1))]
-    high = means[int(math.ceil(0.975 * (resamples - 1)))]
+    high = means[math.ceil(0.975 * (resamples - 1))]
     return PairedComparison(sum(differences) / n, low, high, n)
