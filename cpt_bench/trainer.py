@@ -211,7 +211,8 @@ class DapTrainer:
             if accelerator.num_processes > 1:  # every process takes the same decision
                 finite = accelerator.reduce(finite, reduction="mean")
             term_names = list(state.terms)
-            read = torch.stack([finite[0], step_loss, step_tokens, *(state.terms[n] for n in term_names)]).tolist()
+            terms = [torch.as_tensor(state.terms[n], dtype=torch.float32, device=step_loss.device) for n in term_names]
+            read = torch.stack([finite[0], step_loss, step_tokens, *terms]).tolist()
             all_finite, step_loss, step_tokens = read[0] == 1.0, read[1], int(read[2])
             state.terms = dict(zip(term_names, read[3:]))
             tokens += step_tokens * accelerator.num_processes
