@@ -311,7 +311,7 @@ def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | Non
             scheduled = sorted(trained_now)
         evaluations = _row_evaluations(work, index)  # what this row already measured before an interruption
 
-        # (called at once: the defaults only pin this row's values for the linter's sake)
+        # the closures below run at once; their defaults bind this row's values so that they could not drift
         def measured(key: str, compute, evaluations=evaluations, index=index, stage=stage) -> Any:
             """One measurement of this row: replayed from progress.json, or computed and saved there."""
             if key in evaluations:

@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from cpt_bench.data import mlm_blocks
 from cpt_bench.plugin import Method, SequenceState, Stage
 from cpt_bench.settings import DapSettings
 from cpt_bench.trainer import DapTrainer
@@ -17,18 +16,15 @@ TEXTS = [f"the cats was {a} and {b} ." for a in ("purr", "nap", "soft", "calm") 
 
 
 @pytest.mark.slow
-def test_compiled_stage_matches_the_eager_one(tiny_model_dir, tmp_path, monkeypatch):
+def test_compiled_stage_matches_the_eager_one(tiny_lm):
     from accelerate import Accelerator
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    blocks = mlm_blocks(TEXTS * 4, tokenizer, 16, "cats")
+    tokenizer = tiny_lm.tokenizer
+    blocks = tiny_lm.blocks(TEXTS * 4, "cats")
     eager_settings = DapSettings(steps=3, batch_size=4, seq_len=16, lr=1e-2, mlm_probability=0.3)
 
     def train(settings):
-        torch.manual_seed(0)
-        model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+        model = tiny_lm.model()
         for module in model.modules():  # compiled dropout draws other random numbers: compare without it
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
