@@ -133,10 +133,45 @@ def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return mlm_loss_and_hidden(model, batch)[0]
 
 
-def mlm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor],
-                        body: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+# vocabulary rows of the decoder are padded to a multiple of this on a GPU: tensor-core GEMMs need aligned sizes,
+# and an odd vocabulary (roberta's 50 265) falls back to slow kernels in all three of the decoder's products
+GPU_VOCAB_PAD_MULTIPLE = 64
+
+
+def vocab_pad_multiple(requested: int, device: torch.device) -> int:
+    """`dap.vocab_pad_multiple`: 0 means 64 on a GPU and none on a CPU (where padding only adds work)."""
+    if requested:
+        return requested
+    return GPU_VOCAB_PAD_MULTIPLE if device.type == "cuda" else 1
+
+
+def vocabulary_logits(model: nn.Module, hidden: torch.Tensor, pad_multiple: int = 1) -> torch.Tensor:
+    """The MLM head's logits for `hidden` [rows, d]. With `pad_multiple` > 1 the decoder runs with its vocabulary
+    rows zero-padded to a multiple of it and the padding's logits are sliced off: the same logits and gradients
+    (the padding exists only inside this call and never reaches the loss), from aligned matrix products."""
+    head = mlm_head(model)
+    decoder = model.get_output_embeddings()
+    weight = getattr(decoder, "weight", None)
+    vocab = weight.shape[0] if weight is not None else 0
+    pad = -vocab % pad_multiple if pad_multiple > 1 else 0
+    if not pad:
+        return head(hidden)
+    bias = getattr(decoder, "bias", None)
+    # the head's own forward (transform, decoder) with the decoder's tensors swapped for padded copies, through
+    # which the gradients reach the originals; every name under which the head holds one (BERT ties decoder.bias
+    # to predictions.bias) gets the same copy
+    padded = {id(weight): nn.functional.pad(weight, (0, 0, 0, pad))}
+    if bias is not None:
+        padded[id(bias)] = nn.functional.pad(bias, (0, pad))
+    swapped = {name: padded[id(tensor)] for name, tensor in head.named_parameters(remove_duplicate=False)
+               if id(tensor) in padded}
+    return torch.func.functional_call(head, swapped, (hidden,))[..., :vocab]
+
+
+def mlm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor], body: Callable | None = None,
+                        vocab_pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`mlm_loss` and the encoder's last hidden states it was computed from (a method may reuse the pass);
-    `body` replaces the encoder call (a compiled encoder)."""
+    `body` replaces the encoder call (a compiled encoder); `vocab_pad` as `dap.vocab_pad_multiple`."""
     body = encoder(model) if body is None else body
     labels = batch["labels"].flatten()
     # the one read from the device a masked-logits step needs (how many positions are masked), made before
@@ -146,5 +181,6 @@ def mlm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor],
     if positions.numel() == 0:
         # keep the graph connected so every process runs the same backward
         return hidden.sum() * 0.0, hidden
-    logits = mlm_head(model)(hidden.flatten(0, 1).index_select(0, positions))
+    logits = vocabulary_logits(model, hidden.flatten(0, 1).index_select(0, positions),
+                               vocab_pad_multiple(vocab_pad, hidden.device))
     return nn.functional.cross_entropy(logits.float(), labels.index_select(0, positions)), hidden

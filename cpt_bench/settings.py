@@ -30,6 +30,9 @@ class DapSettings:
     mlm_probability: float = 0.15
     precision: Literal["no", "bf16", "fp16"] = "no"
     compile: bool = False  # torch.compile the encoder for DAP (opt-in: the first steps pay for compiling)
+    # the MLM decoder's vocabulary padded to a multiple of this for aligned GEMMs (same logits; 0: 64 on a GPU,
+    # none on a CPU)
+    vocab_pad_multiple: int = 0
 
     def check(self, where: str) -> None:
         positive(where, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
@@ -39,6 +42,9 @@ class DapSettings:
         fraction(where, warmup=self.warmup, mlm_probability=self.mlm_probability)
         if self.lr <= 0:
             raise BadInput(f"{where}.lr: must be positive, got {self.lr}")
+        if self.vocab_pad_multiple < 0:
+            raise BadInput(f"{where}.vocab_pad_multiple: must be 0 (automatic) or positive, "
+                           f"got {self.vocab_pad_multiple}")
 
 
 @dataclasses.dataclass

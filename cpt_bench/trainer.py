@@ -27,16 +27,18 @@ class MaskedLMObjective(nn.Module):
 
     With `return_hidden` the forward returns (loss, last hidden states), for a method that reuses the pass."""
 
-    def __init__(self, model: nn.Module, compile_encoder: bool = False):
+    def __init__(self, model: nn.Module, compile_encoder: bool = False, vocab_pad_multiple: int = 0):
         super().__init__()
         self.model = model
+        self.vocab_pad_multiple = vocab_pad_multiple
         # a compiled view of the same encoder, kept out of the module tree (no second copy of the parameters in
         # named_parameters or state_dict); the LM itself stays plain for fine-tuning and the methods' own passes
         object.__setattr__(self, "compiled_encoder", torch.compile(encoder(model)) if compile_encoder else None)
 
     def forward(self, input_ids, attention_mask, labels, return_hidden: bool = False):
         loss, hidden = mlm_loss_and_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                                        "labels": labels}, body=self.compiled_encoder)
+                                                        "labels": labels}, body=self.compiled_encoder,
+                                           vocab_pad=self.vocab_pad_multiple)
         return (loss, hidden) if return_hidden else loss
 
 
@@ -154,7 +156,8 @@ class DapTrainer:
         scheduler = linear_schedule(optimizer, int(s.warmup * total_steps), total_steps)
         # the schedule is in optimizer steps of the global batch, the same for any number of processes: it is
         # not handed to accelerate, whose scheduler wrapper steps it once per process per step
-        objective, optimizer, loader = accelerator.prepare(MaskedLMObjective(model, s.compile), optimizer, loader)
+        objective, optimizer, loader = accelerator.prepare(MaskedLMObjective(model, s.compile, s.vocab_pad_multiple),
+                                                             optimizer, loader)
         state = StageState(stage, stage_index, model, objective, optimizer, accelerator, s, self.tokenizer,
                            blocks, self.seed)
         resume = checkpointing.resume if checkpointing is not None else None

@@ -24,6 +24,8 @@ def test_bench_runs_every_kind_and_writes_its_numbers(tiny_suite, tmp_path):
     assert numbers["step_ratio_to_naive"]["naive"] == 1.0
     assert numbers["hf_trainer_speedup"] == numbers["step_ms"]["hf_trainer"] / numbers["step_ms"]["naive"]
     assert numbers["importance_fraction"] > 0  # (the tiny suite's stages are shorter than its importance pass)
+    assert numbers["general_importance_fraction"] > 0
+    assert "general-knowledge importance" in result.output
     assert "our naive vs transformers.Trainer" in result.output
 
 
@@ -56,3 +58,24 @@ def test_bench_profile_reports_where_each_kinds_time_goes(tiny_suite, monkeypatc
         # are inside the profiled block too, not only its set-up
         assert 0 < measured["matmul_ms_per_step"] <= measured["profiled_ms_per_step"]
         assert "aten::addmm" in measured["profile"]
+
+
+def test_bench_times_the_importance_passes_themselves(tiny_suite, monkeypatch):
+    """The importance passes are the method's events, timed on their own: what the trainer does after a stage's
+    last step besides (here a second of freeing memory) is not counted as importance."""
+    import time
+
+    import accelerate
+
+    from cpt_bench import bench
+
+    free_memory = accelerate.Accelerator.free_memory
+
+    def slow_free_memory(self, *args):
+        time.sleep(1.0)
+        return free_memory(self, *args)
+
+    monkeypatch.setattr(accelerate.Accelerator, "free_memory", slow_free_memory)
+    measured = bench.measure("softmask", bench.BenchRequest(suite=str(tiny_suite), steps=2, device="cpu"))
+    assert 0 < measured["after_domain_seconds"] < 1.0  # the domain's importance pass on a tiny model: ~10 ms
+    assert measured["first_before_domain_seconds"] > 0  # the general-knowledge pass
