@@ -9,8 +9,9 @@ from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForM
 
 from cpt_bench.models import mlm_loss_and_hidden, vocab_pad_multiple
 
-SIZES = dict(vocab_size=71, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+SIZES = {"vocab_size": 71, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "intermediate_size": 64, "max_position_embeddings": 40, "hidden_dropout_prob": 0.0,
+         "attention_probs_dropout_prob": 0.0}
 
 
 def _model(kind: str):
