@@ -30,18 +30,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cpt_bench.data import MaskingCollator
+from cpt_bench.batches import masked_sample
 from cpt_bench.errors import BadInput
-from cpt_bench.evaluator import derive_seed
 from cpt_bench.models import encoder, mlm_head, mlm_loss
-from cpt_bench.plugin import Method, SequenceState, register
+from cpt_bench.plugin import Method, MethodSettings, register
+from cpt_bench.rng import derive_seed
+from cpt_bench.stage import SequenceState
 from cpt_bench.units import UnitMap
 
 ORIGINAL = "original"
 
 
 @dataclasses.dataclass
-class DemixSettings:
+class DemixSettings(MethodSettings):
     shared_parameters: Literal["train", "freeze"] = "freeze"  # attention, embeddings, LayerNorms, MLM head
     inference: Literal["posterior", "own"] = "posterior"  # end-task mixture: domain posterior or own expert
     init_batches: int = 4  # batches of the new domain on which the candidate experts' MLM losses are compared
@@ -169,27 +170,22 @@ class Demix(Method):
         self.mixtures: list[dict[str, Any]] = []  # per end-task evaluation: the mixture weights used
         self.expert_losses: dict[str, list[float]] = {}  # expert -> MLM loss on its sample per stage
         self.samples: dict[str, list[dict[str, torch.Tensor]]] = {}  # domain -> masked batches (CPU)
-        self.task_texts: dict[int, list[str]] = {}
+        self.task_texts: list[list[str]] = []  # domain i's end-task training texts
         self._model: nn.Module | None = None
-        self._pending: dict[str, Any] | None = None
         self._new_expert: int | None = None
         self._stage_name = ""
-        self._task_mixtures: dict[int, list[tuple[int, float]]] = {}  # column -> mixture in the current stage
+        self._task_mixtures: dict[int, list[tuple[int, float]]] = {}  # domain -> mixture in the current stage
 
     # ---- events
-    def on_sequence_start(self, run: SequenceState) -> None:
+    def before_sequence(self, sequence: SequenceState) -> None:
         self.accelerator, self.tokenizer, self.domains, self.seed = \
-            run.accelerator, run.tokenizer, run.domains, run.seed
-        self._model = run.model
-        install_experts(run.model)
-        if self._pending is not None:
-            self._restore(self._pending)
-            self._pending = None
+            sequence.accelerator, sequence.tokenizer, sequence.domains, sequence.seed
+        self.task_texts = [list(texts) for texts in sequence.end_task_texts]
+        self._model = sequence.model
+        install_experts(sequence.model)
 
-    def observe_end_task(self, column: int, texts: list[str]) -> None:
-        self.task_texts[column] = list(texts)
-
-    def prepare_stage(self, model: nn.Module, stage, stage_index: int) -> None:
+    def before_stage(self, stage) -> None:
+        model = stage.model
         self._stage_name = stage.name
         self._task_mixtures = {}  # the experts change: estimate every task's posterior anew
         if stage.name in self.expert_names:  # a domain seen before trains its own expert further
@@ -197,7 +193,7 @@ class Demix(Method):
         else:
             for pair in expert_ffns(model):
                 for side in pair:
-                    side.experts.append(copy.deepcopy(side.experts[0]))  # placeholder until before_domain
+                    side.experts.append(copy.deepcopy(side.experts[0]))  # placeholder until before_first_step
             self.expert_names.append(stage.name)
             index = self._new_expert = len(self.expert_names) - 1
         set_mixture(model, [(index, 1.0)])
@@ -207,11 +203,11 @@ class Demix(Method):
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in trained or (shared and id(parameter) not in in_experts))
 
-    def before_domain(self, stage) -> None:
+    def before_first_step(self, stage) -> None:
         if stage.resumed:  # the sample and the new expert's initialisation are in the checkpoint already
             return
         sample = self._sample(stage)
-        self.samples[stage.stage.name] = sample
+        self.samples[stage.name] = sample
         if self._new_expert is None:
             return
         new = self._new_expert
@@ -231,7 +227,7 @@ class Demix(Method):
                                                 for k, v in zip(candidates, losses)}})
         self._new_expert = None
 
-    def after_domain(self, stage) -> None:
+    def after_stage(self, stage) -> None:
         # training the shared parameters moves earlier experts' outputs although their weights stay: record
         # each domain expert's MLM loss on its own domain's sample after every stage
         names = [n for n in self.expert_names if n in self.samples]
@@ -240,27 +236,32 @@ class Demix(Method):
         losses = stage.accelerator.reduce(losses.to(stage.accelerator.device), reduction="mean").cpu()
         for name, loss in zip(names, losses):
             self.expert_losses.setdefault(name, []).append(round(float(loss), 5))
+        # DEMix's cached prior: each learned domain's end-task mixture, estimated once per stage, here rather than
+        # when a task is evaluated, so that a run resumed between two evaluations still records every mixture
+        for domain_index, domain in enumerate(self.domains):
+            if domain in self.expert_names:
+                self._estimate_mixture(stage.model, domain_index)
 
-    def end_task_lm(self, model: nn.Module, column: int) -> nn.Module:
+    def _estimate_mixture(self, model: nn.Module, domain_index: int) -> None:
+        domain = self.domains[domain_index]
+        if self.settings.inference == "own":
+            weights = torch.zeros(len(self.expert_names))
+            weights[self.expert_names.index(domain)] = 1.0
+        else:
+            weights = self.domain_posterior(model, self.task_texts[domain_index], domain_index)
+        mixture = [(k, float(w)) for k, w in enumerate(weights) if w > 0]
+        self._task_mixtures[domain_index] = mixture
+        self.mixtures.append({"after": self._stage_name, "task": domain,
+                              "weights": {self.expert_names[k]: round(w, 5) for k, w in mixture}})
+
+    def end_task_model(self, model: nn.Module, domain_index: int) -> nn.Module:
         """A copy routed to the task's mixture; fine-tuning trains the shared parameters and the experts in
         the mixture (with fixed weights), like fine-tuning the whole DEMix model."""
-        domain = self.domains[column]
-        lm = copy.deepcopy(model)
-        if column not in self._task_mixtures:  # once per task and stage (DEMix's cached prior)
-            if self.settings.inference == "own":
-                weights = torch.zeros(len(self.expert_names))
-                weights[self.expert_names.index(domain)] = 1.0
-            else:
-                if column not in self.task_texts:
-                    raise ValueError(f"demix: no texts of end task {column} observed (observe_end_task)")
-                weights = self.domain_posterior(lm, self.task_texts[column], column)
-            mixture = [(k, float(w)) for k, w in enumerate(weights) if w > 0]
-            self._task_mixtures[column] = mixture
-            self.mixtures.append({"after": self._stage_name, "task": domain,
-                                  "weights": {self.expert_names[k]: round(w, 5) for k, w in mixture}})
-        return self._routed_copy(lm, self._task_mixtures[column])
+        if domain_index not in self._task_mixtures:  # a domain not learned at the last after_stage
+            self._estimate_mixture(model, domain_index)
+        return self._routed_copy(copy.deepcopy(model), self._task_mixtures[domain_index])
 
-    def probe_lm(self, model: nn.Module) -> nn.Module:
+    def probe_model(self, model: nn.Module) -> nn.Module:
         """General knowledge through the original (frozen) expert: what the shared parameters' drift did."""
         return self._routed_copy(copy.deepcopy(model), [(0, 1.0)])
 
@@ -273,11 +274,11 @@ class Demix(Method):
                 "buffers": sample_numbers}
 
     # ---- posterior (DEMix's cached prior)
-    def domain_posterior(self, lm: nn.Module, texts: list[str], column: int) -> torch.Tensor:
+    def domain_posterior(self, lm: nn.Module, texts: list[str], domain_index: int) -> torch.Tensor:
         """w_k = mean over sampled texts x of softmax_k(log P(x | k)) (uniform prior); log P(x | k) is the
         strided pseudo-log-likelihood of x with every layer routed to expert k alone."""
         s = self.settings
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "demix-posterior", column))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "demix-posterior", domain_index))
         chosen = torch.randperm(len(texts), generator=generator)[: s.posterior_samples].tolist()
         encoded = self.tokenizer([texts[i] for i in chosen], truncation=True,
                                  max_length=s.posterior_max_length, padding="longest", return_tensors="pt",
@@ -310,14 +311,10 @@ class Demix(Method):
 
     def _sample(self, stage) -> list[dict[str, torch.Tensor]]:
         """`init_batches` masked batches of the stage's blocks (this process's own draw), kept on the CPU."""
-        accelerator = stage.accelerator
         generator = torch.Generator().manual_seed(
-            derive_seed(self.seed, "demix-sample", stage.stage_index, accelerator.process_index))
-        collate = MaskingCollator(stage.tokenizer, stage.settings.mlm_probability, generator)
-        size = stage.settings.batch_size
-        order = torch.randperm(len(stage.blocks), generator=generator)[: self.settings.init_batches * size]
-        return [collate([stage.blocks[int(i)] for i in order[start: start + size]])
-                for start in range(0, len(order), size)]
+            derive_seed(self.seed, "demix-sample", stage.index, stage.accelerator.process_index))
+        return masked_sample(stage.blocks, stage.tokenizer, stage.settings.batch_size,
+                             stage.settings.mlm_probability, self.settings.init_batches, generator)
 
     @torch.no_grad()
     def _expert_loss(self, model: nn.Module, sample: list[dict[str, torch.Tensor]],
@@ -350,18 +347,15 @@ class Demix(Method):
         return {"expert_names": list(self.expert_names), "experts": experts,
                 "inits": copy.deepcopy(self.inits), "mixtures": copy.deepcopy(self.mixtures),
                 "expert_losses": copy.deepcopy(self.expert_losses),
-                "samples": {n: [dict(b) for b in batches] for n, batches in self.samples.items()}}
+                "samples": {n: [dict(b) for b in batches] for n, batches in self.samples.items()},
+                "task_mixtures": copy.deepcopy(self._task_mixtures), "stage_name": self._stage_name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._model is None:  # the experts go into the model once it is known (on_sequence_start)
-            self._pending = state
-        else:
-            self._restore(state)
-
-    def _restore(self, state: dict[str, Any]) -> None:
         self.expert_names = list(state["expert_names"])
         self.inits, self.mixtures = copy.deepcopy(state["inits"]), copy.deepcopy(state["mixtures"])
         self.expert_losses = copy.deepcopy(state["expert_losses"])
+        self._task_mixtures = copy.deepcopy(state["task_mixtures"])
+        self._stage_name = state["stage_name"]
         self.samples = {n: [dict(b) for b in batches] for n, batches in state["samples"].items()}
         with torch.no_grad():
             for layer, (expert_in, expert_out) in enumerate(expert_ffns(self._model)):

@@ -22,15 +22,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from cpt_bench.baselines.kd import head_outputs, masked_logits
 from torch import nn
 
 from cpt_bench.errors import BadInput
-from cpt_bench.plugin import Method, SequenceState, register
+from cpt_bench.models import head_outputs, masked_logits
+from cpt_bench.plugin import Method, MethodSettings, register
+from cpt_bench.stage import SequenceState
 
 
 @dataclasses.dataclass
-class DerppSettings:
+class DerppSettings(MethodSettings):
     alpha: float = 0.5  # weight of logit matching on replayed blocks (DER's term)
     beta: float = 0.5  # weight of the MLM loss on replayed blocks (the "++" term); 0 gives DER
     buffer_size: int = 512  # blocks kept
@@ -156,15 +157,13 @@ class Derpp(Method):
         self.buffer = ReservoirBuffer(self.settings.buffer_size, torch.Generator().manual_seed(0), dtype)
 
     # ---- events
-    def on_sequence_start(self, run: SequenceState) -> None:
-        if self.buffer.seen == 0:  # a loaded state (resume) keeps its generator
-            process = run.accelerator.process_index if run.accelerator is not None else 0
-            self.buffer.generator.manual_seed(run.seed * 7919 + process)  # each process its own draws
+    def before_sequence(self, sequence: SequenceState) -> None:
+        process = sequence.accelerator.process_index if sequence.accelerator is not None else 0
+        self.buffer.generator.manual_seed(sequence.seed * 7919 + process)  # each process its own draws
 
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with head_outputs(stage.model) as outputs:
-            loss = stage.objective(**batch)
-        stage.log_term("mlm", loss)
+            loss = stage.mlm_loss(batch)
         if len(self.buffer):
             replay = self._replay(stage, len(batch["input_ids"]))
             stage.log_term("replay", replay)

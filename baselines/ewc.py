@@ -15,16 +15,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from cpt_bench.data import MaskingCollator
+from cpt_bench.batches import endless, masked_loader, process_share
 from cpt_bench.errors import BadInput
 from cpt_bench.models import mlm_loss
-from cpt_bench.plugin import Method, register
+from cpt_bench.plugin import Method, MethodSettings, register
 
 
 @dataclasses.dataclass
-class EwcSettings:
+class EwcSettings(MethodSettings):
     # lambda. The Fisher here is the mean of squared gradients of a *mean-reduced* batch loss, ~1e-6..1e-9 per
     # weight on the default suite, so lambda must be large for the penalty to matter. 1e4 = the best of the
     # sweep 1e3..1e6 on the default suite's dev criterion (held-out MLM perplexity): results/sweeps/ewc.weight.md
@@ -82,15 +81,14 @@ class Ewc(Method):
 
     # ---- events
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = stage.objective(**batch)
-        stage.log_term("mlm", loss)
+        loss = stage.mlm_loss(batch)
         if self.fisher is None or self.settings.weight == 0:
             return loss
         penalty = self.penalty(stage.model)
         stage.log_term("ewc_penalty", penalty)
         return loss + self.settings.weight * penalty
 
-    def after_domain(self, stage) -> None:
+    def after_stage(self, stage) -> None:
         fresh = self.domain_fisher(stage)
         old, decay = self.fisher or {}, self.settings.decay
         # Schwarz et al. 2018, Sec. 2.2: F* <- gamma F* + F_new; the anchor moves to the newest weights
@@ -128,37 +126,20 @@ class Ewc(Method):
         its blocks of the squared batch-loss gradient. Every process draws the same batches and computes its
         share (batch i on process i mod n); the sums are reduced: n processes give one process's estimate."""
         accelerator, dap = stage.accelerator, stage.settings
-        generator = torch.Generator().manual_seed(stage.seed * 7907 + stage.stage_index)
-        loader = DataLoader(stage.blocks.with_format("torch"), batch_size=dap.batch_size, shuffle=True,
-                            generator=generator,
-                            collate_fn=MaskingCollator(stage.tokenizer, dap.mlm_probability, generator))
-
-        def share():
-            for index, batch in enumerate(_endless(loader)):  # a small domain is cycled, as the trainer does
-                if index == self.settings.fisher_batches:
-                    return
-                if index % accelerator.num_processes == accelerator.process_index:
-                    yield batch
-
-        totals, count = diagonal_fisher(stage.model, share(), accelerator)
+        generator = torch.Generator().manual_seed(stage.seed * 7907 + stage.index)
+        loader = masked_loader(stage.blocks, stage.tokenizer, dap.batch_size, dap.mlm_probability, generator)
+        # a small domain is cycled, as the trainer does
+        share = process_share(endless(loader), self.settings.fisher_batches, accelerator)
+        totals, count = diagonal_fisher(stage.model, share, accelerator)
         count = accelerator.reduce(torch.tensor(float(count), device=accelerator.device), reduction="sum")
         return {name: accelerator.reduce(t, reduction="sum") / count for name, t in totals.items()}
 
-    # ---- accounting and checkpoints
-    def overhead(self, model: nn.Module) -> dict[str, int]:
-        kept = sum(t.numel() for t in self.fisher.values()) if self.fisher else 0
-        return {"extra_parameters": 0, "extra_optimizer_state": 0, "buffers": 2 * kept}  # Fisher + anchor
-
+    # ---- checkpoints (the default overhead counts Fisher and anchor)
     def state_dict(self) -> dict[str, Any]:
-        return {"fisher": self.fisher, "anchor": self.anchor,
-                "domains_learned": torch.tensor(self.domains_learned)}
+        return {"fisher": self.fisher, "anchor": self.anchor, "domains_learned": self.domains_learned}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fisher = state["fisher"]
         self.anchor = state["anchor"]
         self.domains_learned = int(state["domains_learned"])
 
-
-def _endless(loader):
-    while True:
-        yield from loader

@@ -1,6 +1,6 @@
 """LoRA, one adapter per domain, on a frozen backbone (Hu et al., ICLR 2022, "LoRA: Low-Rank Adaptation of
 Large Language Models"): the low-rank counterpart of the bottleneck-adapter baseline (same protocol,
-`adapter.py`).
+`cpt_bench/adapters.py`).
 
 A target projection W becomes W + (alpha / r) B A with A: r x d_in, B: d_out x r and B = 0 at the start
 (Sec. 4.1); by default on the attention query and value projections of every layer (Sec. 7.1). Each domain
@@ -15,11 +15,11 @@ import dataclasses
 import warnings
 
 import torch
-from cpt_bench.baselines.adapter import DomainAdapters
 from torch import nn
 
+from cpt_bench.adapters import DomainAdapters
 from cpt_bench.errors import BadInput
-from cpt_bench.plugin import register
+from cpt_bench.plugin import MethodSettings, register
 from cpt_bench.units import UnitMap
 
 # target names are the unit map's (cpt_bench/units.py); "ffn" = both FFN projections
@@ -28,7 +28,7 @@ TARGET_GROUPS = {"ffn": ("intermediate_dense", "output_dense")}
 
 
 @dataclasses.dataclass
-class LoraSettings:
+class LoraSettings(MethodSettings):
     r: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.1  # on the adapter's input (Hu et al. used 0.1 for GPT-2; peft's default is 0)

@@ -6,7 +6,7 @@ The non-continual reference: no forgetting and no transfer by construction; its 
 
 import torch
 
-from cpt_bench.plugin import Method, SequenceState, register
+from cpt_bench.plugin import Method, register
 
 
 @register
@@ -14,14 +14,14 @@ class One(Method):
     name = "one"
     description = "non-continual reference: every domain DAP-trained from the original model"
 
-    def on_sequence_start(self, run: SequenceState) -> None:
-        self.original = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    def before_sequence(self, sequence) -> None:
+        self.original = {k: v.detach().clone() for k, v in sequence.model.state_dict().items()}
 
-    def before_domain(self, stage) -> None:
+    def before_first_step(self, stage) -> None:
         if stage.resumed:  # inside a stage: its weights are the checkpoint's, already trained from the original
             return
         with torch.no_grad():
             stage.model.load_state_dict(self.original)
 
-    def end_tasks_after_stage(self, stage_index: int, scheduled: list[int]) -> list[int]:
+    def end_tasks_to_evaluate(self, stage_index: int, scheduled: list[int]) -> list[int]:
         return [stage_index]  # only this stage's domain: the model has seen no other

@@ -99,8 +99,9 @@ def main() -> None:
          "≤ 180 s", max(naive_seconds) <= 180),
     ]
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    from_runs = f" --from-runs {runs}" if args.from_runs else ""
     lines = ["# What the default suite shows", "",
-             (f"Measured by `python benchmarks/default_suite_effects.py{' --from-runs ' + str(runs) if args.from_runs else ''}` "
+             (f"Measured by `python benchmarks/default_suite_effects.py{from_runs}` "
              f"on {machine}; result files in `{runs}`."), "",
              "| effect | definition | measured (mean over seeds 0, 1, 2) | required | met |",
              "|---|---|---|---|---|"]

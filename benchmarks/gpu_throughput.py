@@ -93,6 +93,28 @@ def flop_counts(counts: dict[str, int], seq_len: int, mlm_probability: float = 0
             "with_attention": 6 * counts["encoder"] + 12 * layers * width * seq_len + 6 * head * mlm_probability}
 
 
+def add_mfu(result: dict, counts: dict, seq_len: int, peak_tflops: float) -> list[str]:
+    """Each kind's model FLOP utilisation under every FLOP accounting, into `result`; the lines that show them."""
+    flops = flop_counts(counts, seq_len)
+    peak = peak_tflops * 1e12
+    result["mfu"] = {}
+    result["mfu_by_accounting"] = {}
+    lines = []
+    for kind in result["kinds"]:
+        tokens_per_second = result["tokens_per_second"][kind]
+        by_accounting = {name: per_token * tokens_per_second / peak for name, per_token in flops.items()}
+        result["mfu"][kind] = mfu = by_accounting["6N_non_embedding"]
+        result["mfu_by_accounting"][kind] = by_accounting
+        lines.append(f"{kind:48s} {tokens_per_second:10.0f} tokens/s   MFU {mfu:.1%}   (6N all parameters "
+                     f"{by_accounting['6N_all']:.1%}, with attention {by_accounting['with_attention']:.1%})")
+    lines.append(f"MFU = 6 N tokens/s / peak, N = {counts['non_embedding'] / 1e6:.1f} M non-embedding parameters, "
+                 f"peak {peak_tflops:g} TFLOP/s bf16; 6N all parameters: N = {counts['all'] / 1e6:.1f} M; "
+                 f"with attention: {flops['with_attention'] / 1e6:.0f} MFLOP per token (see flop_counts)")
+    result.update(non_embedding_parameters=counts["non_embedding"], parameter_counts=counts,
+                  flops_per_token=flops, peak_tflops=peak_tflops)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -130,24 +152,7 @@ def main() -> None:
         request = BenchRequest(suite=str(suite), steps=args.steps, repeats=args.repeats, device=args.device,
                                variants=variants)
         result = run_bench(request, echo=lambda line: print(line, flush=True))
-    lines = [table(result), ""]
-    flops = flop_counts(counts, args.seq_len)
-    peak = args.peak_tflops * 1e12
-    result["mfu"] = {}
-    result["mfu_by_accounting"] = {}
-    for kind in result["kinds"]:
-        tokens_per_second = result["tokens_per_second"][kind]
-        by_accounting = {name: per_token * tokens_per_second / peak for name, per_token in flops.items()}
-        result["mfu"][kind] = mfu = by_accounting["6N_non_embedding"]
-        result["mfu_by_accounting"][kind] = by_accounting
-        lines.append(f"{kind:48s} {tokens_per_second:10.0f} tokens/s   MFU {mfu:.1%}   (6N all parameters "
-                     f"{by_accounting['6N_all']:.1%}, with attention {by_accounting['with_attention']:.1%})")
-    lines.append(f"MFU = 6 N tokens/s / peak, N = {counts['non_embedding'] / 1e6:.1f} M non-embedding parameters, "
-                 f"peak {args.peak_tflops:g} TFLOP/s bf16; 6N all parameters: N = {counts['all'] / 1e6:.1f} M; "
-                 f"with attention: {flops['with_attention'] / 1e6:.0f} MFLOP per token (see flop_counts)")
-    result.update(non_embedding_parameters=counts["non_embedding"], parameter_counts=counts,
-                  flops_per_token=flops, peak_tflops=args.peak_tflops)
-    text = "\n".join(lines)
+    text = "\n".join([table(result), "", *add_mfu(result, counts, args.seq_len, args.peak_tflops)])
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

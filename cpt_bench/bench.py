@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cpt_bench.plan import RunRequest, make_accelerator, plan_run
+from cpt_bench.stage import SequenceState, Stage
+from cpt_bench.trainer import DapTrainer
+
 KINDS = ("hf_trainer", "naive", "softmask")
 WARMUP_STEPS = 3
 
@@ -58,8 +62,6 @@ def split_kind(kind: str) -> tuple[str, list[str]]:
 
 
 def plan_for(request: BenchRequest, kind: str):
-    from cpt_bench.runner import RunRequest, plan_run
-
     method, own_sets = split_kind(kind)
     # a measured step is one batch (a suite's accumulation, e.g. das6's 4, would multiply our step only);
     # `--set dap.grad_accum=N` measures N batches per step for every kind, the Trainer included
@@ -84,10 +86,6 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     import copy
 
     import torch
-
-    from cpt_bench.plugin import Stage
-    from cpt_bench.runner import make_accelerator
-    from cpt_bench.trainer import DapTrainer
 
     plan = plan_for(request, kind)
     accelerator = make_accelerator(plan)
@@ -122,14 +120,13 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
                 event(stage)
                 if accelerator.device.type == "cuda":
                     torch.cuda.synchronize()
-                event_seconds[f"{name}_{stage.stage_index}"] = time.perf_counter() - started
+                event_seconds[f"{name}_{stage.index}"] = time.perf_counter() - started
             return timed
 
-        method.before_domain = timed_event("before_domain", method.before_domain)
-        method.after_domain = timed_event("after_domain", method.after_domain)
-        from cpt_bench.plugin import SequenceState
-
-        method.on_sequence_start(SequenceState(model, plan.tokenizer, accelerator, plan.domains, 0))
+        method.before_first_step = timed_event("before_first_step", method.before_first_step)
+        method.after_stage = timed_event("after_stage", method.after_stage)
+        method.before_sequence(SequenceState(model, plan.tokenizer, accelerator, plan.domains, 0,
+                                             [task.train.texts for task in plan.data.tasks]))
         # a one-step stage on another domain first, so that the timed stage is a later one: what a method
         # carries from one domain to the next (soft-masking's importance and contrast, EWC's penalty, a replay
         # buffer, a teacher) runs as it does from the second domain of a sequence on
@@ -141,10 +138,10 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
         trainer = DapTrainer(accelerator, plan.tokenizer, settings, method, seed=0, show_progress=False)
         with _profiled(request.profile, accelerator.device, extra):
             trainer.train_stage(model, blocks, Stage(domain, [domain]), stage_index=1)
-        # soft-masking: after_domain is the domain's importance pass (once per stage), the first stage's
-        # before_domain the general-knowledge one (once per run)
-        extra["after_domain_seconds"] = event_seconds["after_domain_1"]
-        extra["first_before_domain_seconds"] = event_seconds["before_domain_0"]
+        # soft-masking: after_stage is the domain's importance pass (once per stage), the first stage's
+        # before_first_step the general-knowledge one (once per run)
+        extra["after_stage_seconds"] = event_seconds["after_stage_1"]
+        extra["first_before_first_step_seconds"] = event_seconds["before_first_step_0"]
         extra["suite_steps"] = plan.dap.steps
     step_seconds = [b - a for a, b in zip(stamps[WARMUP_STEPS - 1:], stamps[WARMUP_STEPS:])]
     return {"kind": kind, "step_seconds": step_seconds, "tokens_per_step": tokens_per_step,
@@ -261,8 +258,8 @@ def run_bench(request: BenchRequest, echo=print) -> dict[str, Any]:
     step = {k: statistics.median(statistics.median(s["step_seconds"]) for s in v) for k, v in samples.items()}
     memory = {k: statistics.median(s["peak_memory_mb"] for s in v) for k, v in samples.items()}
     first = samples["naive"][0]
-    importance = statistics.median(s["after_domain_seconds"] for s in samples["softmask"])
-    general_importance = statistics.median(s["first_before_domain_seconds"] for s in samples["softmask"])
+    importance = statistics.median(s["after_stage_seconds"] for s in samples["softmask"])
+    general_importance = statistics.median(s["first_before_first_step_seconds"] for s in samples["softmask"])
     stage_seconds = samples["softmask"][0]["suite_steps"] * step["softmask"]
     return {
         "hf_trainer_speedup": step["hf_trainer"] / step["naive"],

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from cpt_bench.errors import BadInput
-from cpt_bench.report import general_retention, load_results
+from cpt_bench.report.table import general_retention, load_results
 from cpt_bench.results import configuration_settings, method_configuration
 
 TOLERANCE_FILE = "tolerances.yaml"

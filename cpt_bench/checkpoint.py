@@ -15,9 +15,9 @@ The work directory is removed once the result file is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpt_bench.results import write_json_atomic
+from cpt_bench.atomic import write_json_atomic
 
 TENSOR = "__tensor__"
 
@@ -98,33 +98,6 @@ def load_state(directory: Path) -> dict[str, Any]:
     return unflatten(json.loads((directory / "state.json").read_text()), tensors)
 
 
-# ---------------------------------------------------------------- RNG states of every library
-
-def rng_state() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    numpy_state = np.random.get_state()
-    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
-             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore `rng_state()` (tensors may come back as lists from JSON)."""
-    def as_bytes(value) -> torch.Tensor:
-        return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.uint8)
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = state["numpy"]
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(as_bytes(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([as_bytes(t) for t in state["cuda"]])
-
-
 # ---------------------------------------------------------------- stop requests (SIGINT / SIGTERM)
 
 class StopRequested(Exception):
@@ -141,10 +114,9 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:  # noqa: PYI034  (typing.Self needs Python 3.11)
         for sig in (signal.SIGINT, signal.SIGTERM) if self.enabled else ():
-            try:
+            # not the main thread (e.g. inside a test runner's worker): ValueError, and no handler
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner's worker): no handler
-                pass
         return self
 
     def __exit__(self, *exc) -> None:

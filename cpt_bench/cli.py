@@ -38,10 +38,9 @@ def exits_2_on_bad_input(fn):
 def list_command(what: Annotated[str, typer.Argument(help="methods or suites")]) -> None:
     """List registered methods or suites, one line each."""
     if what == "methods":
-        from cpt_bench.plugin import BROKEN_PLUGINS, METHODS, load_plugins
+        from cpt_bench.plugin import BROKEN_PLUGINS, registered_methods
 
-        load_plugins()
-        for name, cls in sorted(METHODS.items()):
+        for name, cls in sorted(registered_methods().items()):
             alias = f" (alias: {', '.join(cls.aliases)})" if cls.aliases else ""
             typer.echo(f"{name:<12} {cls.description}{alias}")
         for module, why in sorted(BROKEN_PLUGINS.items()):
@@ -83,9 +82,11 @@ def run(
 
     An interrupted run (crash, SIGKILL, SIGINT/SIGTERM) continues from its last checkpoint when the same
     command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
+    from cpt_bench.atomic import write_json_atomic
     from cpt_bench.checkpoint import StopRequested, StopSignal
-    from cpt_bench.results import write_artifacts, write_json_atomic
-    from cpt_bench.runner import RunRequest, execute, make_accelerator, plan_run
+    from cpt_bench.plan import RunRequest, make_accelerator, plan_run
+    from cpt_bench.results import write_artifacts
+    from cpt_bench.runner import execute
     from cpt_bench.suite import DEFAULT_SUITE
 
     _quiet_libraries()
@@ -104,16 +105,17 @@ def run(
     with StopSignal(enabled=accelerator.num_processes == 1) as stop:
         for one_seed in request.seeds:
             try:
-                path, result, artifacts, work = execute(plan, one_seed, accelerator, stop)
+                run = execute(plan, one_seed, accelerator, stop)
             except StopRequested as stopped:
                 typer.echo(f"interrupted: {stopped}; checkpoint saved. Run the same command again to resume "
                            f"(or add --fresh to start over).", err=True)
                 raise typer.Exit(130) from None
             if accelerator.is_main_process:
-                result["artifacts"] = write_artifacts(path, artifacts)  # before the result: it marks completion
-                write_json_atomic(path, result)
-                work.clear()
-                _print_summary(result, path)
+                # the artifacts before the result: a result file marks a complete run
+                run.result["artifacts"] = write_artifacts(run.path, run.artifacts)
+                write_json_atomic(run.path, run.result)
+                run.work.clear()
+                _print_summary(run.result, run.path)
 
 
 def _print_summary(result: dict, path: Path) -> None:
@@ -141,8 +143,8 @@ def report(
     plots: Annotated[str | None, typer.Option(help="also write PNG plots into this folder")] = None,
 ) -> None:
     """Aggregate result files: one row per method and configuration, mean ± std over seeds and orders."""
-    from cpt_bench.report import report as make_report
-    from cpt_bench.results import write_text_atomic
+    from cpt_bench.atomic import write_text_atomic
+    from cpt_bench.report.formats import report as make_report
 
     text = make_report(paths or ["results/runs"], format, by_order=by_order, plots_dir=plots)
     if output:
@@ -199,8 +201,8 @@ def bench(
     ] = False,
 ) -> None:
     """Side-by-side step speed: transformers.Trainer vs our naive step vs softmask; peak memory; importance."""
-    from cpt_bench.bench import BenchRequest, profile_report, run_bench, table
-    from cpt_bench.results import write_json_atomic
+    from cpt_bench.atomic import write_json_atomic
+    from cpt_bench.bench import BenchRequest, plan_for, profile_report, run_bench, table
     from cpt_bench.suite import DEFAULT_SUITE
 
     _quiet_libraries()
@@ -212,8 +214,6 @@ def bench(
                            order=[d.strip() for d in order.split(",")] if order is not None else None,
                            seq_len=seq_len, steps=steps, repeats=repeats, device=device, sets=list(set_ or []),
                            variants=list(variant or []))
-    from cpt_bench.bench import plan_for
-
     for kind in request.kinds:  # bad input (suite, model, sizes, settings) fails here, in one line, before any process
         plan_for(request, kind)
     if profile:

@@ -1,15 +1,12 @@
-"""Data: reading corpora and end-task splits, MLM blocks (cached), the masking collator, end-task encoding."""
+"""Reading a suite's data: corpora and end-task splits (files or hub datasets), checked row by row, and the
+encoding of end-task splits for fine-tuning. (MLM blocks and masking: `cpt_bench.batches`.)"""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +14,6 @@ import torch
 
 from cpt_bench.errors import BadInput
 from cpt_bench.suite import EndTask, HubSource, Source
-
-
-def cache_dir() -> Path:
-    """Where derived artefacts (tokenised blocks, built models, base scores) are kept."""
-    root = os.environ.get("CPT_BENCH_CACHE") or Path.home() / ".cache" / "cpt-bench"
-    return Path(root)
-
-
-@contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock beside a cache entry while it is built: concurrent runs that need the same slow
-    entry (the default suite's base model) wait for the first builder instead of each building it again."""
-    import fcntl
-
-    lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def building(path: Path) -> Iterator[Path]:
-    """Build a cache folder under a temporary name, then move it into place whole: a reader never sees a
-    half-built entry, and of two processes building the same entry the first one's is kept."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
 
 # ---------------------------------------------------------------- reading records
 
@@ -266,97 +222,3 @@ def count_truncated(tokenizer, split: EndTaskSplit, max_length: int) -> int:
     else:
         encoded = tokenizer(split.texts, truncation=False)
     return sum(len(ids) > max_length for ids in encoded["input_ids"])
-
-
-# ---------------------------------------------------------------- MLM blocks
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab]).encode()).hexdigest()[:16]
-
-
-def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
-    """Concatenate the tokenised texts (separated by the separator token) and cut blocks of `seq_len` tokens.
-
-    Every block is [CLS] + seq_len-2 tokens + [SEP], fixed length, so DAP batches carry no padding.
-    Cached on disk per (corpus content, tokenizer, seq_len).
-    """
-    import datasets
-    from datasets.table import InMemoryTable
-
-    content = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
-    key = f"{content}-{tokenizer_fingerprint(tokenizer)}-{seq_len}"
-    path = cache_dir() / "blocks" / key
-    if (path / "dataset_info.json").exists():
-        return datasets.load_from_disk(str(path))
-    body = seq_len - 2
-    sep = tokenizer.sep_token_id
-    cls = tokenizer.cls_token_id
-
-    def tokenize(batch):
-        return {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
-
-    def group(batch):
-        stream: list[int] = []
-        for ids in batch["ids"]:
-            stream.extend(ids)
-            stream.append(sep)
-        blocks = [[cls] + stream[i: i + body] + [sep] for i in range(0, len(stream) - body + 1, body)]
-        return {"input_ids": blocks}
-
-    # fingerprints from our own key: datasets would otherwise pickle the table and the tokenizer to hash them,
-    # which fails on some Python/pyarrow/dill combinations (seen with Python 3.12) and costs time anyway
-    dataset = datasets.Dataset(InMemoryTable.from_pydict({"text": texts}), fingerprint=f"{key}-text")
-    dataset = dataset.map(tokenize, batched=True, remove_columns=["text"], desc=f"tokenising {corpus_id}",
-                          new_fingerprint=f"{key}-ids")
-    # one group over all rows so no text is cut at a batch boundary more than once per block
-    dataset = dataset.map(group, batched=True, batch_size=len(dataset), remove_columns=["ids"],
-                          new_fingerprint=f"{key}-blocks")
-    if len(dataset) == 0:
-        raise BadInput(f"corpus {corpus_id} is shorter than one block of {seq_len} tokens")
-    with building(path) as tmp:
-        dataset.save_to_disk(str(tmp))
-    return datasets.load_from_disk(str(path))
-
-
-class MaskingCollator:
-    """BERT's masking: choose `probability` of the non-special, non-padding tokens; of those 80% become
-    [MASK], 10% a random token, 10% stay. Labels are -100 everywhere else."""
-
-    def __init__(self, tokenizer, probability: float = 0.15, generator: torch.Generator | None = None):
-        self.mask_id = tokenizer.mask_token_id
-        self.vocab_size = len(tokenizer)
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-        self.pad_id = tokenizer.pad_token_id
-        self.probability = probability
-        self.generator = generator
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids = _pad([torch.as_tensor(e["input_ids"]) for e in examples], self.pad_id)
-        attention_mask = (input_ids != self.pad_id).long() if self.pad_id is not None else \
-            torch.ones_like(input_ids)
-        inputs, labels = self.mask(input_ids)
-        return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
-
-    def mask(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.generator
-        maskable = ~torch.isin(input_ids, self.special_ids)
-        chosen = (torch.rand(input_ids.shape, generator=g) < self.probability) & maskable
-        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-        inputs = input_ids.clone()
-        roll = torch.rand(input_ids.shape, generator=g)
-        inputs[chosen & (roll < 0.8)] = self.mask_id
-        random_positions = chosen & (roll >= 0.8) & (roll < 0.9)
-        random_tokens = torch.randint(self.vocab_size, input_ids.shape, generator=g)
-        inputs[random_positions] = random_tokens[random_positions]
-        return inputs, labels
-
-
-def _pad(sequences: list[torch.Tensor], pad_id: int | None) -> torch.Tensor:
-    length = max(len(s) for s in sequences)
-    if all(len(s) == length for s in sequences):
-        return torch.stack(sequences)
-    out = torch.full((len(sequences), length), pad_id if pad_id is not None else 0, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        out[i, : len(s)] = s
-    return out

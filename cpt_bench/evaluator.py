@@ -6,21 +6,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cpt_bench.checkpoint import StopRequested
 from cpt_bench.data import EndTaskData, count_truncated, encode_split
 from cpt_bench.errors import BadInput
 from cpt_bench.models import encoder, mlm_head
+from cpt_bench.optim import adamw, linear_schedule
+from cpt_bench.progress import progress_bar
 from cpt_bench.settings import FinetuneSettings, build
-from cpt_bench.trainer import adamw, linear_schedule, progress_interval
 
 
 @functools.cache
@@ -37,11 +36,6 @@ def score(predictions: list[int], references: list[int], num_labels: int, averag
         raise ValueError(f"class id outside the task's {num_labels} labels")
     result = classification_metric().compute(predictions=predictions, references=references, average=average)
     return {"macro_f1": float(result["f1"]), "accuracy": float(result["accuracy"])}
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 31-bit seed from any parts (so a task's fine-tuning seed does not depend on run order)."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 class SequenceClassifier(nn.Module):
@@ -173,8 +167,7 @@ class EndTaskEvaluator:
         scheduler = linear_schedule(optimizer, int(s.warmup * total), total)
         generator = torch.Generator().manual_seed(seed)
         best_state, best_dev = None, -1.0
-        progress = tqdm(total=total, desc=f"fine-tune {task.name}", disable=not self.show_progress,
-                        leave=False, dynamic_ncols=True, mininterval=progress_interval())
+        progress = progress_bar(total, f"fine-tune {task.name}", self.show_progress)
         for _ in range(s.epochs):
             model.train()
             order = torch.randperm(n, generator=generator)

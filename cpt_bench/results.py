@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from cpt_bench.atomic import write_safetensors_atomic
+from cpt_bench.plugin import METHODS, load_plugins
+from cpt_bench.settings import DapSettings, FinetuneSettings, value_when_absent
 
 SCHEMA = "cpt-bench/run/v1"
 
@@ -83,8 +85,6 @@ def configuration_settings(result: dict[str, Any]) -> dict[str, Any]:
     """A result's `settings` without what was measured rather than chosen (result files written by earlier
     versions kept per-task truncation counts there), with settings added since the file was written filled
     in as the run ran them: what decides whether two runs are the same setup."""
-    from cpt_bench.settings import DapSettings, FinetuneSettings
-
     settings = json.loads(json.dumps(result.get("settings") or {}))
     for task in (settings.get("end_tasks") or {}).values():
         if isinstance(task, dict):
@@ -98,8 +98,6 @@ def configuration_settings(result: dict[str, Any]) -> dict[str, Any]:
 def method_configuration(result: dict[str, Any]) -> dict[str, Any]:
     """A result's `method_config`, with settings the method gained since the file was written filled in as
     the run ran them (so an older run and a new one of the same setup compare equal)."""
-    from cpt_bench.plugin import METHODS, load_plugins
-
     config = dict(result.get("method_config") or {})
     load_plugins()
     cls = getattr(METHODS.get(result.get("method", "")), "Settings", None)
@@ -107,8 +105,6 @@ def method_configuration(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_absent_settings(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    from cpt_bench.settings import value_when_absent
-
     return {**{f.name: value_when_absent(f) for f in dataclasses.fields(cls)}, **values}
 
 
@@ -129,27 +125,6 @@ def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
 def load_result(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
@@ -167,19 +142,101 @@ REQUIRED_KEYS = {"method": str, "suite": str, "domains": list, "seed": int, "mod
 
 def write_artifacts(result_path: Path, artifacts: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Save each tensor collection as `<result stem>.<name>.safetensors` (atomically); returns name -> file."""
-    from safetensors.torch import save_file
-
     written = {}
     for name, tensors in artifacts.items():
         path = result_path.with_name(f"{result_path.stem}.{name}.safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_safetensors_atomic(path, tensors)
         written[name] = path.name
     return written
+
+
+# ---------------------------------------------------------------- a run's measurements and its result file
+
+@dataclasses.dataclass
+class RunProgress:
+    """What a run has measured so far, laid out as in the result file. Every checkpoint keeps it, so a resumed
+    run continues it."""
+
+    matrices: dict[str, list[list[float | None]]]  # metric -> rows evaluated so far
+    probes: dict[str, dict[str, Any]]  # probe -> {base, stages}
+    perplexity: dict[str, Any]  # {corpora, blocks, base, stages}
+    stage_records: list[dict[str, Any]]  # one per stage trained
+    finetune_seconds: dict[str, Any]  # {matrix: rows like `matrices`, probes: {probe: [seconds per stage]}}
+    learned: list[int]  # domains (indices) DAP-trained so far
+    started: str  # when the run started (ISO 8601, UTC)
+    git_commit: str  # the code the run started with (edits during a run do not count)
+    wall_before: float = 0.0  # seconds spent by the processes before this one
+
+    @property
+    def rows_done(self) -> int:
+        return len(self.matrices["macro_f1"])
+
+    def add_row(self, scores: list[dict[str, Any] | None], probe_scores: dict[str, dict[str, Any]],
+                perplexity_row: list[float]) -> None:
+        """The evaluation after one stage: each domain's end-task scores (None: not evaluated), each probe's."""
+        for metric in ("macro_f1", "accuracy"):
+            self.matrices[metric].append([None if s is None else s[metric] for s in scores])
+        self.finetune_seconds["matrix"].append([None if s is None else s.get("seconds") for s in scores])
+        for name, probe in probe_scores.items():
+            self.probes[name]["stages"].append(probe["macro_f1"])
+            self.finetune_seconds["probes"][name].append(probe.get("seconds"))
+        self.perplexity["stages"].append(perplexity_row)
+
+
+@dataclasses.dataclass
+class RunIdentity:
+    """What a result file is about: its first keys."""
+
+    method: str
+    method_config: dict[str, Any]
+    suite: str
+    domains: list[str]
+    seed: int
+    model: str
+
+
+def build_result(identity: RunIdentity, progress: RunProgress, base_scores: dict[str, dict[str, Any]],
+                 stage_names: list[str], square: bool, truncated_examples: dict[str, dict[str, int]],
+                 details: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """The result file (CONTRACT.md; `result.schema.json`) of a finished run. `base_scores` are the original
+    model's scores by domain; `square`: stage i trained domain i alone (forgetting and transfer are defined);
+    `truncated_examples`: task -> split -> examples longer than finetune.max_length; `details`: the keys after
+    `finetune_seconds` (wall time, overhead, method summary, settings)."""
+    domains = identity.domains
+    base = {metric: [base_scores[d][metric] for d in domains] for metric in ("macro_f1", "accuracy")}
+    matrices = progress.matrices if stage_names else {k: [list(v)] for k, v in base.items()}  # `base`: one row
+    return {
+        "schema": SCHEMA,
+        **dataclasses.asdict(identity),
+        "matrix": matrices,
+        "matrix_rows": stage_names or ["base"],
+        "base": base,
+        "metrics": metrics_block(matrices, base, square),
+        "probes": progress.probes,
+        "perplexity": progress.perplexity,
+        "stages": progress.stage_records,
+        "truncated_examples": truncated_examples,
+        # wall seconds of each fine-tune (same layout as matrix)
+        "finetune_seconds": {**progress.finetune_seconds, "base": [base_scores[d].get("seconds") for d in domains]},
+        **details,
+        "provenance": provenance,
+    }
+
+
+SCHEMA_FILE = Path(__file__).with_name("result.schema.json")
+
+
+def load_schema() -> dict[str, Any]:
+    """The result file's JSON Schema (`cpt_bench/result.schema.json`)."""
+    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
+def validate_result(result: dict[str, Any], where: str) -> None:
+    """ValueError naming `where` and the first place where `result` does not follow the JSON Schema (needs the
+    `jsonschema` package, a test dependency)."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(load_schema()).iter_errors(result))
+    if error is not None:
+        path = "/".join(str(part) for part in error.absolute_path) or "(top level)"
+        raise ValueError(f"{where} does not follow {SCHEMA_FILE.name} at {path}: {error.message}")

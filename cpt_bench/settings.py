@@ -15,8 +15,15 @@ from cpt_bench.errors import BadInput
 FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+class Validated:
+    """A settings block (a dataclass) that checks its values once, where it is built (`build`)."""
+
+    def check(self, where: str) -> None:
+        """Raise BadInput naming `where` and the field if a value is out of range (default: nothing to check)."""
+
+
 @dataclasses.dataclass
-class DapSettings:
+class DapSettings(Validated):
     """Domain-adaptive pre-training (masked LM) of one stage."""
 
     steps: int = 200
@@ -48,7 +55,7 @@ class DapSettings:
 
 
 @dataclasses.dataclass
-class FinetuneSettings:
+class FinetuneSettings(Validated):
     """End-task fine-tuning of a fresh classification head on top of an LM state."""
 
     epochs: int = 3
@@ -164,7 +171,7 @@ def build(cls: type, data: Any, where: str) -> Any:
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise BadInput(f"{where}: missing required key {name!r}")
     obj = cls(**kwargs)
-    if hasattr(obj, "check"):
+    if isinstance(obj, Validated):
         obj.check(where)
     return obj
 

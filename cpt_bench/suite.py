@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from cpt_bench.errors import BadInput
-from cpt_bench.settings import DapSettings, FinetuneSettings, build
+from cpt_bench.settings import DapSettings, FinetuneSettings, Validated, build
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ Source = str | HubSource  # a str is a file (jsonl, txt, csv) relative to the da
 
 
 @dataclasses.dataclass
-class Prompt:
+class Prompt(Validated):
     """Prompt-based fine-tuning through the MLM head (PET / LM-BFF style): the template holds one mask,
     and a label's score is the log-sum-exp of the MLM logits of its verbalizer words at that mask."""
 
@@ -41,7 +41,7 @@ class Prompt:
 
 
 @dataclasses.dataclass
-class EndTask:
+class EndTask(Validated):
     """A classification end task: text (+ optional second text) -> one label of a fixed label set."""
 
     train: Source
@@ -79,7 +79,7 @@ class Domain:
 
 
 @dataclasses.dataclass
-class PerplexitySettings:
+class PerplexitySettings(Validated):
     """The MLM perplexity matrix: after every stage, perplexity on held-out text of every domain (and of the
     suite's extra held-out corpora): a forgetting signal that needs no fine-tuning."""
 
@@ -109,7 +109,7 @@ class Generator:
 
 
 @dataclasses.dataclass
-class Suite:
+class Suite(Validated):
     name: str
     domains: list[Domain]
     model: str

@@ -34,14 +34,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cpt_bench.batches import mlm_blocks
+from cpt_bench.cache import building, cache_dir, exclusive
+from cpt_bench.data import read_corpus
 from cpt_bench.errors import BadInput
-from cpt_bench.settings import build
+from cpt_bench.plugin import Method
+from cpt_bench.settings import DapSettings, Validated, build
+from cpt_bench.stage import Stage
+from cpt_bench.suite import load_suite
+from cpt_bench.trainer import DapTrainer
 
 GENERATOR_VERSION = 4
 
 
 @dataclasses.dataclass
-class SyntheticParams:
+class SyntheticParams(Validated):
     """Shape of the generated language (the `generator.params` block of a suite YAML)."""
 
     domains: list[str] = dataclasses.field(default_factory=lambda: ["alpha", "beta", "gamma", "delta"])
@@ -173,7 +180,7 @@ def generate(seed: int, p: SyntheticParams) -> dict[str, Any]:
             for _ in range(p.heldout_sentences)]
     words = sorted({w for lang in languages.values() for c in lang.classes for w in c})
     markers = sorted(lang.marker for lang in languages.values() if lang.marker)
-    files["vocabulary.jsonl"] = [{"text": w} for w in ["in", "."] + markers + words]
+    files["vocabulary.jsonl"] = [{"text": w} for w in ["in", ".", *markers, *words]]
     files["languages.json"] = {name: dataclasses.asdict(lang) for name, lang in languages.items()}
     return files
 
@@ -184,8 +191,6 @@ def parse_params(generator) -> SyntheticParams:
 
 def materialise(generator) -> Path:
     """Write the generated files once into the cache (keyed by generator, seed and params) and return it."""
-    from cpt_bench.data import building, cache_dir
-
     if generator.name != "synthetic":
         raise BadInput(f"unknown data generator {generator.name!r} (known: synthetic)")
     params = parse_params(generator)
@@ -245,10 +250,8 @@ def build_tokenizer(vocabulary: list[str], max_length: int):
 
 
 def build_base_model(suite_name: str = "synthetic", recipe: BaseModelRecipe | None = None) -> Path:
-    """Build (once) and cache the base LM of a generated suite: tokenizer, random init, general pretraining."""
-    from cpt_bench.data import cache_dir, exclusive
-    from cpt_bench.suite import load_suite
-
+    """Build (once) and cache the base LM of a generated suite: tokenizer, random init, general pretraining
+    (the `synthetic-base` model alias)."""
     recipe = recipe or BaseModelRecipe()
     suite = load_suite(suite_name)
     data_dir = materialise(suite.generator)
@@ -267,11 +270,6 @@ def _pretrain_base_model(suite_name: str, recipe: BaseModelRecipe, data_dir: Pat
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import BertConfig, BertForMaskedLM
-
-    from cpt_bench.data import building, mlm_blocks, read_corpus
-    from cpt_bench.plugin import Method, Stage
-    from cpt_bench.settings import DapSettings
-    from cpt_bench.trainer import DapTrainer
 
     vocabulary = [json.loads(line)["text"] for line in (data_dir / "vocabulary.jsonl").read_text().splitlines()]
     tokenizer = build_tokenizer(vocabulary, recipe.max_positions)
@@ -295,11 +293,3 @@ def _pretrain_base_model(suite_name: str, recipe: BaseModelRecipe, data_dir: Pat
         (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
         (tmp / "COMPLETE").write_text("ok\n")
 
-
-def _register() -> None:
-    from cpt_bench.models import register_model_alias
-
-    register_model_alias("synthetic-base")(build_base_model)
-
-
-_register()

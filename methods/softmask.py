@@ -17,16 +17,17 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from cpt_bench.data import MaskingCollator
+from cpt_bench.batches import masked_loader, process_share
+from cpt_bench.errors import BadInput
 from cpt_bench.models import encoder, mlm_loss
-from cpt_bench.plugin import Method, SequenceState, register
+from cpt_bench.plugin import Method, MethodSettings, register
+from cpt_bench.stage import SequenceState
 from cpt_bench.units import UNIT_KINDS, UnitMap, accumulate, normalise
 
 
 @dataclasses.dataclass
-class SoftMaskSettings:
+class SoftMaskSettings(MethodSettings):
     target: Literal["update", "gradient"] = "update"  # what the mask scales; "gradient" = the public code
     soft_mask: bool = True  # False: contrastive loss only (ablation)
     contrastive: bool = True  # False: no contrastive loss (ablation)
@@ -45,8 +46,6 @@ class SoftMaskSettings:
     other_parameters: Literal["train", "freeze"] = "train"  # embeddings, LayerNorms, LM head (paper: train)
 
     def check(self, where: str) -> None:
-        from cpt_bench.errors import BadInput
-
         if self.importance_batches <= 0 or self.temperature <= 0 or self.contrastive_weight < 0:
             raise BadInput(f"{where}: importance_batches and temperature must be positive, "
                            "contrastive_weight non-negative")
@@ -89,15 +88,14 @@ class SoftMask(Method):
         self._unit_parameter_ids: set[int] = set()
 
     # ---- events
-    def on_sequence_start(self, run: SequenceState) -> None:
-        self.units = UnitMap(run.model)
+    def before_sequence(self, sequence: SequenceState) -> None:
+        self.units = UnitMap(sequence.model)
         self._unit_parameter_ids = {id(p) for p, *_ in self.units.unit_parameters()}
-        self._seed = run.seed
+        self._seed = sequence.seed
 
-    def before_domain(self, stage) -> None:
+    def before_first_step(self, stage) -> None:
         s = self.settings
-        already = any(name == "general" for name, *_ in self.history)  # resumed inside the first stage
-        if stage.stage_index == 0 and s.general_importance and not already:
+        if stage.index == 0 and s.general_importance and not stage.resumed:  # else: in the restored history
             raw = self._importance(stage, general=True)
             self._record("general", raw)
         self._scales = []
@@ -110,12 +108,11 @@ class SoftMask(Method):
         s = self.settings
         contrast = s.contrastive and s.contrastive_weight > 0 and self.accumulated is not None
         if contrast and s.contrastive_views == "mlm_anchor":
-            loss, hidden = stage.objective(**batch, return_hidden=True)
+            loss, hidden = stage.mlm_loss(batch, return_hidden=True)
             contrastive = self._contrastive_on_mlm_pass(stage, batch, pooled(hidden, batch["attention_mask"]))
         else:
-            loss = stage.objective(**batch)
+            loss = stage.mlm_loss(batch)
             contrastive = self._contrastive(stage, batch) if contrast else None
-        stage.log_term("mlm", loss)
         if contrastive is not None:
             stage.log_term("contrastive", contrastive)
             loss = loss + s.contrastive_weight * contrastive
@@ -145,18 +142,17 @@ class SoftMask(Method):
                 parameter.copy_(old + scale * (parameter - old))
         self._before_step = []
 
-    def after_domain(self, stage) -> None:
+    def after_stage(self, stage) -> None:
         raw = self._importance(stage, general=False)
-        self._record(stage.stage.name, raw)
+        self._record(stage.name, raw)
 
     # ---- importance (Sec. 3.1)
     def _importance(self, stage, general: bool) -> dict[str, torch.Tensor]:
         """Mean over batches of |dL/dg| for every unit's gate; L is the KL proxy (general) or the MLM loss."""
         model, accelerator = stage.model, stage.accelerator
-        generator = torch.Generator().manual_seed(self._seed * 7919 + stage.stage_index * 2 + int(general))
-        loader = DataLoader(stage.blocks.with_format("torch"), batch_size=stage.settings.batch_size, shuffle=True,
-                            generator=generator,
-                            collate_fn=MaskingCollator(stage.tokenizer, stage.settings.mlm_probability, generator))
+        generator = torch.Generator().manual_seed(self._seed * 7919 + stage.index * 2 + int(general))
+        loader = masked_loader(stage.blocks, stage.tokenizer, stage.settings.batch_size,
+                               stage.settings.mlm_probability, generator)
         device = accelerator.device
         gates = {k: v.requires_grad_(True) for k, v in self.units.ones(device).items()}
         totals = self.units.zeros(device)
@@ -164,13 +160,8 @@ class SoftMask(Method):
         # the proxy needs dropout on (two passes of one input must differ); the MLM loss is read without noise
         model.train(general)
         batches = 0
-        # every process draws the same sequence of batches and takes its share (batch i goes to process
-        # i mod n), so n processes together average over the same importance_batches batches as one
-        for index, batch in enumerate(loader):
-            if index == self.settings.importance_batches:
-                break
-            if index % accelerator.num_processes != accelerator.process_index:
-                continue
+        # n processes together average over the same importance_batches batches as one
+        for batch in process_share(loader, self.settings.importance_batches, accelerator):
             batch = {k: v.to(device) for k, v in batch.items()}
             with self.units.gated(gates), accelerator.autocast():
                 if general:

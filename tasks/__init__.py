@@ -1,1 +1,1 @@
-"""Suite definitions as YAML data (installed as cpt_bench.tasks)."""
+"""Suites: the YAML files in this folder (see README.md here); each `*.yaml` is registered by its file name."""

@@ -65,7 +65,7 @@ def tiny_lm(tiny_model_dir, tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from cpt_bench.data import MaskingCollator, mlm_blocks
+    from cpt_bench.batches import MaskingCollator, mlm_blocks
 
     monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -82,6 +82,21 @@ def tiny_lm(tiny_model_dir, tmp_path, monkeypatch):
         return collate([rows_of[i] for i in range(rows)])
 
     return SimpleNamespace(tokenizer=tokenizer, model=model, blocks=blocks, batch=batch)
+
+
+def stage_state(model, blocks=None, *, name: str = "cats", index: int = 0, tokenizer=None, accelerator=None,
+                settings=None, seed: int = 0, resumed: bool = False):
+    """A real `StageState` for driving a method's stage events by hand (no trainer): stage `index` on domain
+    `name`, the masked-LM objective of `model`, no optimizer, a CPU accelerator unless one is given."""
+    from accelerate import Accelerator
+
+    from cpt_bench.settings import DapSettings
+    from cpt_bench.stage import Stage, StageState
+    from cpt_bench.trainer import MaskedLMObjective
+
+    return StageState(Stage(name, [name]), index, model, MaskedLMObjective(model), None,
+                      accelerator or Accelerator(cpu=True), settings or DapSettings(batch_size=4, seq_len=16),
+                      tokenizer, blocks, seed, resumed=resumed)
 
 
 def tiny_suite_data(root: Path) -> None:
@@ -138,3 +153,22 @@ def assert_one_line_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+@pytest.fixture
+def reference_runs(tiny_suite, tmp_path):
+    """Uninterrupted result per method (computed once per test)."""
+    from interruptions import only_result, run_tiny
+
+    cache = {}
+
+    def get(method: str) -> dict:
+        if method not in cache:
+            out = tmp_path / f"reference-{method}"
+            result = run_tiny(tiny_suite, out, method)
+            assert result.exit_code == 0, result.output
+            cache[method] = only_result(out)
+            assert not (out / ".work").exists() or not any((out / ".work").iterdir())  # removed when done
+        return cache[method]
+
+    return get

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import assert_one_line_error, run_cli
 
 
@@ -126,7 +127,6 @@ def test_prompt_task_with_a_verbalizer_word_the_model_lacks(tiny_suite, tmp_path
 
 def test_a_broken_plugin_file_does_not_take_other_methods_down(tmp_path, monkeypatch):
     import cpt_bench.baselines
-
     from cpt_bench import plugin
     from cpt_bench.errors import BadInput
 
@@ -134,9 +134,9 @@ def test_a_broken_plugin_file_does_not_take_other_methods_down(tmp_path, monkeyp
     monkeypatch.setattr(cpt_bench.baselines, "__path__", [*cpt_bench.baselines.__path__, str(tmp_path)])
     monkeypatch.setattr(plugin, "BROKEN_PLUGINS", {})
     assert plugin.method_class("naive").name == "naive"
-    with pytest.raises(BadInput, match="method 'halfwritten' failed to load: .*ModuleNotFoundError"):
+    with pytest.raises(BadInput, match=r"method 'halfwritten' failed to load: .*ModuleNotFoundError"):
         plugin.method_class("halfwritten")
-    with pytest.raises(BadInput, match="failed to load: cpt_bench.baselines.halfwritten"):
+    with pytest.raises(BadInput, match=r"failed to load: cpt_bench\.baselines\.halfwritten"):
         plugin.method_class("nosuchmethod")
     listed = run_cli("list", "methods")
     assert listed.exit_code == 0 and "naive" in listed.output and "halfwritten" in listed.output

@@ -10,15 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
-from cpt_bench.baselines.adapter import AdaptedProjection, adapter_key
 
-from cpt_bench.data import EndTaskData, EndTaskSplit, MaskingCollator, mlm_blocks
+from cpt_bench.adapters import adapter_key
+from cpt_bench.baselines.adapter import AdaptedProjection
+from cpt_bench.batches import MaskingCollator, mlm_blocks
+from cpt_bench.data import EndTaskData, EndTaskSplit
 from cpt_bench.evaluator import EndTaskEvaluator
 from cpt_bench.models import mlm_head, mlm_loss
-from cpt_bench.plugin import SequenceState, Stage, method_class
+from cpt_bench.plugin import method_class
 from cpt_bench.settings import DapSettings, FinetuneSettings
+from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.trainer import DapTrainer
+
+from conftest import assert_one_line_error, run_cli, stage_state
 
 METHODS = ["adapter", "lora"]
 DOMAINS = ["cats", "dogs"]
@@ -54,7 +58,7 @@ def _model(tiny):
 def _start(name, model, **settings):
     cls = method_class(name)
     method = cls(cls.Settings(**settings))
-    method.on_sequence_start(SequenceState(model, None, None, DOMAINS, 0))
+    method.before_sequence(SequenceState(model, None, None, DOMAINS, 0))
     return method
 
 
@@ -93,7 +97,7 @@ def test_backbone_bitwise_unchanged_and_old_adapters_untouched(name, tiny):
     cats = method.state_dict()["adapters"]["cats"]
     finetune = FinetuneSettings(epochs=1, batch_size=4, lr=1e-2, max_length=16)
     evaluator = EndTaskEvaluator(tiny.accelerator, tiny.tokenizer, finetune, False)
-    evaluator.evaluate(method.end_task_lm(model, 0), tiny.task, seed=0)  # fine-tunes a copy of adapter "cats"
+    evaluator.evaluate(method.end_task_model(model, 0), tiny.task, seed=0)  # fine-tunes a copy of adapter "cats"
     _train(tiny, method, model, 1)
 
     for parameter_name, parameter, before in backbone:
@@ -116,13 +120,13 @@ def test_new_adapter_is_the_identity_and_probe_sees_the_backbone(name, tiny):
     batch = _batch(tiny)
     original = _logits(model, batch)
     method = _start(name, model)
-    method.prepare_stage(model, Stage("cats", ["cats"]), 0)
+    method.before_stage(stage_state(model, name="cats", index=0))
     assert torch.equal(_logits(model, batch), original)  # W_up = 0 / LoRA B = 0
     with torch.no_grad():
         for parameter in _adapter(method, model, "cats"):
             parameter.add_(0.5)
     assert not torch.allclose(_logits(model, batch), original)
-    probe = method.probe_lm(model)
+    probe = method.probe_model(model)
     assert torch.equal(_logits(probe, batch), original)  # no adapter active
     trainable = _ids(p for p in probe.parameters() if p.requires_grad)
     assert trainable == _ids(model.parameters()) - _ids(_adapter(method, model, "cats"))
@@ -132,16 +136,16 @@ def test_new_adapter_is_the_identity_and_probe_sees_the_backbone(name, tiny):
 def test_only_the_domains_adapter_trains_in_each_phase(name, tiny):
     model = _model(tiny)
     method = _start(name, model)
-    method.prepare_stage(model, Stage("cats", ["cats"]), 0)
-    method.prepare_stage(model, Stage("dogs", ["dogs"]), 1)
+    method.before_stage(stage_state(model, name="cats", index=0))
+    method.before_stage(stage_state(model, name="dogs", index=1))
     cats, dogs = _ids(_adapter(method, model, "cats")), _ids(_adapter(method, model, "dogs"))
     assert cats and dogs and not cats & dogs
     assert _ids(method.trainable_parameters(model)) == dogs  # what the stage's optimizer gets
-    lm = method.end_task_lm(model, 0)
+    lm = method.end_task_model(model, 0)
     assert _ids(p for p in lm.parameters() if p.requires_grad) == cats
     with_head = _start(name, _model(tiny), finetune_mlm_head=True)
-    with_head.prepare_stage(with_head.model, Stage("cats", ["cats"]), 0)
-    lm = with_head.end_task_lm(with_head.model, 0)
+    with_head.before_stage(stage_state(with_head.model, name="cats", index=0))
+    lm = with_head.end_task_model(with_head.model, 0)
     assert _ids(p for p in lm.parameters() if p.requires_grad) == \
         _ids(_adapter(with_head, lm, "cats")) | _ids(mlm_head(lm).parameters())
     per_domain = sum(p.numel() for p in _adapter(method, model, "cats"))
@@ -153,8 +157,8 @@ def test_fine_tuning_a_copy_changes_only_the_copys_adapter(name, tiny):
     model = _model(tiny)
     batch = _batch(tiny)
     method = _start(name, model)
-    method.prepare_stage(model, Stage("cats", ["cats"]), 0)
-    lm = method.end_task_lm(model, 0)
+    method.before_stage(stage_state(model, name="cats", index=0))
+    lm = method.end_task_model(model, 0)
     before = _logits(lm, batch)
     snapshot = [p.detach().clone() for p in _adapter(method, model, "cats")]
     twin = copy.deepcopy(lm)
@@ -175,9 +179,9 @@ def test_fine_tuning_a_copy_changes_only_the_copys_adapter(name, tiny):
 def test_end_task_of_a_domain_without_adapter_is_an_error(name, tiny):
     model = _model(tiny)
     method = _start(name, model)
-    method.prepare_stage(model, Stage("cats", ["cats"]), 0)
-    with pytest.raises(ValueError, match="'dogs' .* no adapter"):
-        method.end_task_lm(model, 1)
+    method.before_stage(stage_state(model, name="cats", index=0))
+    with pytest.raises(ValueError, match=r"'dogs' .* no adapter"):
+        method.end_task_model(model, 1)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -189,13 +193,13 @@ def test_state_dict_rebuilds_the_adapters_after_a_restart(name, tiny):
     state = method.state_dict()
     assert state["domains"] == ["cats"]
     assert all(isinstance(v, torch.Tensor) for v in state["adapters"]["cats"].values())
-    expected = _logits(method.end_task_lm(model, 0), batch)
+    expected = _logits(method.end_task_model(model, 0), batch)
 
     restarted_model = _model(tiny)
     restarted = method_class(name)()
-    restarted.load_state_dict(state)
-    restarted.on_sequence_start(SequenceState(restarted_model, None, None, DOMAINS, 0))
-    assert torch.equal(_logits(restarted.end_task_lm(restarted_model, 0), batch), expected)
+    restarted.before_sequence(SequenceState(restarted_model, None, None, DOMAINS, 0))
+    restarted.load_state_dict(state)  # the resume order: the method's objects first, then its state
+    assert torch.equal(_logits(restarted.end_task_model(restarted_model, 0), batch), expected)
     assert restarted.overhead(restarted_model) == method.overhead(model)
 
 
@@ -204,7 +208,7 @@ def test_adapter_placement_and_size_on_bert_and_roberta(tiny):
 
     model = _model(tiny)  # hidden 32, one layer
     method = _start("adapter", model, placement="ffn", reduction=8)
-    method.prepare_stage(model, Stage("cats", ["cats"]), 0)
+    method.before_stage(stage_state(model, name="cats", index=0))
     sites = {n: m for n, m in model.named_modules() if isinstance(m, AdaptedProjection)}
     assert list(sites) == ["bert.encoder.layer.0.output.dense"]
     assert sites["bert.encoder.layer.0.output.dense"].adapters["domain_cats"].down.out_features == 32 // 8
@@ -213,12 +217,12 @@ def test_adapter_placement_and_size_on_bert_and_roberta(tiny):
                                                num_attention_heads=2, intermediate_size=64,
                                                max_position_embeddings=40))
     method = _start("adapter", roberta)
-    method.prepare_stage(roberta, Stage("cats", ["cats"]), 0)
+    method.before_stage(stage_state(roberta, name="cats", index=0))
     assert sorted(n for n, m in roberta.named_modules() if isinstance(m, AdaptedProjection)) == [
         f"roberta.encoder.layer.{i}.{site}" for i in range(2)
         for site in ("attention.output.dense", "output.dense")]
     lora = _start("lora", RobertaForMaskedLM(roberta.config), targets=["ffn"], r=2)
-    lora.prepare_stage(lora.model, Stage("cats", ["cats"]), 0)
+    lora.before_stage(stage_state(lora.model, name="cats", index=0))
     adapted = sorted({n.split(".lora_")[0] for n, _ in lora.model.named_parameters() if ".lora_" in n})
     assert adapted == [f"roberta.encoder.layer.{i}.{site}" for i in range(2)
                        for site in ("intermediate.dense", "output.dense")]

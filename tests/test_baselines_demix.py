@@ -12,13 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
-from cpt_bench.baselines.demix import expert_ffns, expert_parameters, routed, set_mixture
 
-from cpt_bench.data import MaskingCollator
-from cpt_bench.plugin import SequenceState, Stage, method_class
+from cpt_bench.baselines.demix import expert_ffns, expert_parameters, routed, set_mixture
+from cpt_bench.batches import MaskingCollator
+from cpt_bench.plugin import method_class
 from cpt_bench.settings import DapSettings
+from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.trainer import DapTrainer
+
+from conftest import assert_one_line_error, run_cli, stage_state
 
 CATS = [f"the cats was {a} and {b} ." for a in ("purr", "nap", "soft", "calm")
         for b in ("hiss", "bite", "claw")]
@@ -39,9 +41,8 @@ def tiny(tiny_lm):
 def _demix(tiny, **settings):
     cls = method_class("demix")
     method = cls(cls.Settings(**settings))
-    method.on_sequence_start(SequenceState(tiny.model, tiny.tokenizer, tiny.accelerator, ["cats", "dogs"], 0))
-    method.observe_end_task(0, CATS)
-    method.observe_end_task(1, DOGS)
+    method.before_sequence(SequenceState(tiny.model, tiny.tokenizer, tiny.accelerator, ["cats", "dogs"], 0,
+                                         [CATS, DOGS]))
     return method
 
 
@@ -52,9 +53,8 @@ def _logits(model, batch):
 
 
 def _stage_state(tiny, domain: str, index: int):
-    return SimpleNamespace(stage=Stage(domain, [domain]), stage_index=index, model=tiny.model,
-                           accelerator=tiny.accelerator, tokenizer=tiny.tokenizer, blocks=tiny.blocks[domain],
-                           settings=DapSettings(batch_size=4, seq_len=16), seed=0, resumed=False)
+    return stage_state(tiny.model, tiny.blocks[domain], name=domain, index=index, tokenizer=tiny.tokenizer,
+                       accelerator=tiny.accelerator)
 
 
 def _train(tiny, method, domain: str, index: int, steps: int = 4) -> None:
@@ -84,7 +84,7 @@ def test_model_stays_a_stock_lm_and_one_expert_reproduces_it(tiny):
 
 def test_mixture_is_the_weighted_sum_of_expert_ffns(tiny):
     method = _demix(tiny)
-    method.prepare_stage(tiny.model, Stage("cats", ["cats"]), 0)
+    method.before_stage(_stage_state(tiny, "cats", 0))
     with torch.no_grad():
         for name, p in tiny.model.named_parameters():
             if ".experts.1." in name:
@@ -154,15 +154,15 @@ def _teach(tiny, index: int, domain: str, steps: int = 15) -> None:
 @pytest.mark.parametrize("taught", ["original", "cats"])
 def test_new_expert_starts_from_the_candidate_with_lowest_loss(tiny, taught):
     method = _demix(tiny)
-    method.prepare_stage(tiny.model, Stage("cats", ["cats"]), 0)
-    method.before_domain(_stage_state(tiny, "cats", 0))
+    method.before_stage(_stage_state(tiny, "cats", 0))
+    method.before_first_step(_stage_state(tiny, "cats", 0))
     assert method.inits[0]["copied_from"] == "original"  # the only candidate at stage 0
     index = {"original": 0, "cats": 1}
     _teach(tiny, index[taught], "dogs")
     candidates = {name: _expert(tiny.model, k) for name, k in index.items()}
     assert not _same(candidates["original"], candidates["cats"])
-    method.prepare_stage(tiny.model, Stage("dogs", ["dogs"]), 1)
-    method.before_domain(_stage_state(tiny, "dogs", 1))
+    method.before_stage(_stage_state(tiny, "dogs", 1))
+    method.before_first_step(_stage_state(tiny, "dogs", 1))
     init = method.inits[1]
     other = "cats" if taught == "original" else "original"
     assert init["expert"] == "dogs" and init["copied_from"] == taught
@@ -176,8 +176,8 @@ def test_init_choice_follows_the_losses_reduced_across_processes(tiny):
     """Every process must copy the same expert: the choice uses accelerator.reduce's answer, not the local
     losses."""
     method = _demix(tiny)
-    method.prepare_stage(tiny.model, Stage("cats", ["cats"]), 0)
-    method.before_domain(_stage_state(tiny, "cats", 0))
+    method.before_stage(_stage_state(tiny, "cats", 0))
+    method.before_first_step(_stage_state(tiny, "cats", 0))
     reduced = []
 
     def reduce(tensor, reduction):  # another process saw the opposite ranking
@@ -188,24 +188,24 @@ def test_init_choice_follows_the_losses_reduced_across_processes(tiny):
                            autocast=contextlib.nullcontext)
     state = _stage_state(tiny, "dogs", 1)
     state.accelerator = fake
-    method.prepare_stage(tiny.model, Stage("dogs", ["dogs"]), 1)
-    method.before_domain(state)
+    method.before_stage(_stage_state(tiny, "dogs", 1))
+    method.before_first_step(state)
     assert reduced == ["mean"]
     assert method.inits[1]["copied_from"] == "cats" and method.inits[1]["candidate_losses"]["cats"] == 1.0
 
 
-def test_domain_posterior_and_end_task_lm(tiny):
+def test_domain_posterior_and_end_task_model(tiny):
     method = _demix(tiny)
-    method.prepare_stage(tiny.model, Stage("cats", ["cats"]), 0)
-    method.before_domain(_stage_state(tiny, "cats", 0))
-    method.prepare_stage(tiny.model, Stage("dogs", ["dogs"]), 1)
-    method.before_domain(_stage_state(tiny, "dogs", 1))
+    method.before_stage(_stage_state(tiny, "cats", 0))
+    method.before_first_step(_stage_state(tiny, "cats", 0))
+    method.before_stage(_stage_state(tiny, "dogs", 1))
+    method.before_first_step(_stage_state(tiny, "dogs", 1))
     # three identical experts: the posterior is uniform
     weights = method.domain_posterior(tiny.model, CATS, 0)
     assert torch.allclose(weights, torch.full((3,), 1 / 3), atol=1e-5)
     _teach(tiny, 1, "cats")  # the cats expert now models cats text best
     live_mixture = expert_ffns(tiny.model)[0][0].routing.mixture
-    lm = method.end_task_lm(tiny.model, 0)
+    lm = method.end_task_model(tiny.model, 0)
     weights = method.mixtures[-1]["weights"]
     assert abs(sum(weights.values()) - 1) < 1e-5 and weights["cats"] > 0.5 > weights["original"], weights
     assert type(lm) is type(tiny.original) and expert_ffns(tiny.model)[0][0].routing.mixture == live_mixture
@@ -217,8 +217,8 @@ def test_domain_posterior_and_end_task_lm(tiny):
         assert in_lm == (k in mixed), k
     own = method_class("demix")(method_class("demix").Settings(inference="own"))
     own.__dict__.update({k: v for k, v in method.__dict__.items() if k not in ("settings", "_task_mixtures")})
-    assert expert_ffns(own.end_task_lm(tiny.model, 1))[0][0].routing.mixture == [(2, 1.0)]
-    assert expert_ffns(method.probe_lm(tiny.model))[0][0].routing.mixture == [(0, 1.0)]
+    assert expert_ffns(own.end_task_model(tiny.model, 1))[0][0].routing.mixture == [(2, 1.0)]
+    assert expert_ffns(method.probe_model(tiny.model))[0][0].routing.mixture == [(0, 1.0)]
 
 
 def test_state_dict_restores_experts_and_choices(tiny, tiny_model_dir):
@@ -230,9 +230,9 @@ def test_state_dict_restores_experts_and_choices(tiny, tiny_model_dir):
     assert state["expert_names"] == ["original", "cats"] and all(
         isinstance(t, torch.Tensor) for t in state["experts"].values())
     restored = method_class("demix")()
-    restored.load_state_dict(state)
     fresh = SimpleNamespace(**{**vars(tiny), "model": AutoModelForMaskedLM.from_pretrained(tiny_model_dir)})
-    restored.on_sequence_start(SequenceState(fresh.model, tiny.tokenizer, tiny.accelerator, ["cats"], 0))
+    restored.before_sequence(SequenceState(fresh.model, tiny.tokenizer, tiny.accelerator, ["cats"], 0))
+    restored.load_state_dict(state)  # the resume order: the method's objects first, then its state
     assert restored.inits == method.inits
     assert _same(_expert(fresh.model, 1), _expert(tiny.model, 1))
 

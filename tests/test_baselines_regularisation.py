@@ -10,11 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
 
-from cpt_bench.plugin import SequenceState, Stage, method_class
+from cpt_bench.plugin import method_class
 from cpt_bench.settings import DapSettings
-from cpt_bench.trainer import DapTrainer, MaskedLMObjective
+from cpt_bench.stage import SequenceState, Stage
+from cpt_bench.trainer import DapTrainer
+
+from conftest import assert_one_line_error, run_cli, stage_state
 
 CATS = [f"the cats was {a} and {b} ." for a in ("purr", "nap", "soft", "calm") for b in ("hiss", "bite")]
 DOGS = [f"the dogs was {a} and {b} ." for a in ("wag", "fetch", "loyal") for b in ("growl", "bark", "snap")]
@@ -27,12 +29,10 @@ def tiny(tiny_lm):
     tokenizer = tiny_lm.tokenizer
     settings = DapSettings(steps=3, batch_size=4, seq_len=16, lr=1e-2, mlm_probability=0.3)
 
-    def stage(lm, blocks, index=0):
-        """What a method event sees (the parts these methods read)."""
-        return SimpleNamespace(stage_index=index, seed=0, model=lm, objective=MaskedLMObjective(lm),
-                               accelerator=Accelerator(cpu=True), tokenizer=tokenizer, blocks=blocks,
-                               settings=settings, stage=Stage(f"stage{index}", [f"stage{index}"]),
-                               log_term=lambda name, value: None)
+    def stage(lm, blocks, index=0, resumed=False):
+        """What a method's stage events see, without a trainer."""
+        return stage_state(lm, blocks, name=f"stage{index}", index=index, tokenizer=tokenizer,
+                           accelerator=Accelerator(cpu=True), settings=settings, resumed=resumed)
 
     blocks = {"cats": tiny_lm.blocks(CATS * 4, "cats"), "dogs": tiny_lm.blocks(DOGS * 4, "dogs")}
     return SimpleNamespace(model=tiny_lm.model, stage=stage, blocks=blocks, tokenizer=tokenizer, settings=settings,
@@ -51,7 +51,7 @@ def _train(tiny, method, domains=("cats", "dogs")):
     model = tiny.model()
     accelerator = Accelerator(cpu=True)
     trainer = DapTrainer(accelerator, tiny.tokenizer, tiny.settings, method, seed=0, show_progress=False)
-    method.on_sequence_start(SequenceState(model, tiny.tokenizer, accelerator, list(domains), 0))
+    method.before_sequence(SequenceState(model, tiny.tokenizer, accelerator, list(domains), 0))
     torch.manual_seed(0)  # dropout
     losses = []
     for index, name in enumerate(domains):
@@ -67,7 +67,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_its_gradient_points_back(tiny):
 
     model = tiny.model()
     method = _method("ewc", fisher_batches=4)
-    method.after_domain(tiny.stage(model, tiny.blocks["cats"]))
+    method.after_stage(tiny.stage(model, tiny.blocks["cats"]))
     assert method.penalty(model).item() == 0.0
     assert all(f.sum() > 0 for f in method.fisher.values() if f.numel() > 64)
     torch.manual_seed(1)
@@ -100,8 +100,8 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_its_gradient_points_back(tiny):
 
 def test_ewc_fisher_is_the_mean_squared_batch_gradient(tiny):
     from accelerate import Accelerator
-    from cpt_bench.baselines.ewc import diagonal_fisher
 
+    from cpt_bench.baselines.ewc import diagonal_fisher
     from cpt_bench.models import mlm_loss
 
     model = tiny.model().train()
@@ -122,14 +122,14 @@ def test_ewc_fisher_accumulates_online_and_the_anchor_moves(tiny):
     decay = 0.7
     model = tiny.model()
     method = _method("ewc", decay=decay, fisher_batches=3)
-    method.after_domain(tiny.stage(model, tiny.blocks["cats"], index=0))
+    method.after_stage(tiny.stage(model, tiny.blocks["cats"], index=0))
     first = {n: f.clone() for n, f in method.fisher.items()}
     with torch.no_grad():  # what training on the next domain would do
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     second_stage = tiny.stage(model, tiny.blocks["dogs"], index=1)
     fresh = method.domain_fisher(second_stage)  # deterministic: seeded batches, eval mode
-    method.after_domain(second_stage)
+    method.after_stage(second_stage)
     for name, f in method.fisher.items():
         torch.testing.assert_close(f, decay * first[name] + fresh[name])
         assert torch.equal(method.anchor[name], dict(model.named_parameters())[name].detach())
@@ -141,7 +141,7 @@ def test_ewc_fisher_accumulates_online_and_the_anchor_moves(tiny):
 def test_ewc_state_round_trips(tiny):
     model = tiny.model()
     method = _method("ewc", fisher_batches=2)
-    method.after_domain(tiny.stage(model, tiny.blocks["cats"]))
+    method.after_stage(tiny.stage(model, tiny.blocks["cats"]))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
@@ -168,8 +168,9 @@ def test_kd_teacher_is_the_frozen_model_as_it_was_before_the_stage(tiny):
     model = tiny.model()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     method = _method("kd")
+    method.before_sequence(SequenceState(model, tiny.tokenizer, None, ["cats", "dogs"], 0))
     stage = tiny.stage(model, tiny.blocks["cats"], index=0)
-    method.before_domain(stage)
+    method.before_first_step(stage)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for seed in (1, 2):  # real steps on the student through the method's loss
         method.loss(stage, tiny.batch(seed)).backward()
@@ -179,8 +180,9 @@ def test_kd_teacher_is_the_frozen_model_as_it_was_before_the_stage(tiny):
     assert all(torch.equal(teacher[k], original[k]) for k in original)  # stage 0: the original model, frozen
     assert not all(torch.equal(model.state_dict()[k], original[k]) for k in original)
     assert not any(p.requires_grad for p in method.teacher.parameters()) and not method.teacher.training
+    method.after_stage(stage)
     after_first = {k: v.clone() for k, v in model.state_dict().items()}
-    method.before_domain(tiny.stage(model, tiny.blocks["dogs"], index=1))
+    method.before_first_step(tiny.stage(model, tiny.blocks["dogs"], index=1))
     assert all(torch.equal(method.teacher.state_dict()[k], after_first[k]) for k in after_first)
     # resumed inside stage 1 (model trained on since): the teacher is the saved one, not the current model
     state = copy.deepcopy(method.state_dict())
@@ -188,8 +190,9 @@ def test_kd_teacher_is_the_frozen_model_as_it_was_before_the_stage(tiny):
         for p in model.parameters():
             p.add_(0.1)
     restored = _method("kd")
+    restored.before_sequence(SequenceState(tiny.model(), tiny.tokenizer, None, ["cats", "dogs"], 0))
     restored.load_state_dict(state)
-    restored.before_domain(tiny.stage(model, tiny.blocks["dogs"], index=1))
+    restored.before_first_step(tiny.stage(model, tiny.blocks["dogs"], index=1, resumed=True))
     assert all(torch.equal(restored.teacher.state_dict()[k], after_first[k]) for k in after_first)
     assert method.overhead(model)["buffers"] == sum(p.numel() for p in model.parameters())
 
@@ -250,7 +253,7 @@ def test_reservoir_sample_is_a_batch_with_its_stored_logits():
 
 
 def test_derpp_stores_the_logits_the_block_had_when_seen_and_matches_them(tiny):
-    from cpt_bench.baselines.kd import masked_logits
+    from cpt_bench.models import masked_logits
 
     model = tiny.model().eval()  # no dropout: the stored logits are reproducible
     method = _method("derpp", alpha=1.0, beta=0.0, buffer_size=16)
@@ -274,11 +277,12 @@ def test_derpp_stores_the_logits_the_block_had_when_seen_and_matches_them(tiny):
 def test_derpp_state_round_trips(tiny):
     model = tiny.model()
     method = _method("derpp", buffer_size=6)
-    method.on_sequence_start(SequenceState(model, tiny.tokenizer, None, ["cats"], 3))
+    method.before_sequence(SequenceState(model, tiny.tokenizer, None, ["cats"], 3))
     stage = tiny.stage(model, tiny.blocks["cats"])
     for seed in (1, 2, 3):
         method.loss(stage, tiny.batch(seed))
     restored = _method("derpp", buffer_size=6)
+    restored.before_sequence(SequenceState(model, tiny.tokenizer, None, ["cats"], 0))  # another seed: overwritten
     restored.load_state_dict(copy.deepcopy(method.state_dict()))
     assert restored.buffer.seen == 12 and len(restored.buffer) == 6
     for _ in range(2):  # the same draws from the same contents

@@ -77,5 +77,5 @@ def test_bench_times_the_importance_passes_themselves(tiny_suite, monkeypatch):
 
     monkeypatch.setattr(accelerate.Accelerator, "free_memory", slow_free_memory)
     measured = bench.measure("softmask", bench.BenchRequest(suite=str(tiny_suite), steps=2, device="cpu"))
-    assert 0 < measured["after_domain_seconds"] < 1.0  # the domain's importance pass on a tiny model: ~10 ms
-    assert measured["first_before_domain_seconds"] > 0  # the general-knowledge pass
+    assert 0 < measured["after_stage_seconds"] < 1.0  # the domain's importance pass on a tiny model: ~10 ms
+    assert measured["first_before_first_step_seconds"] > 0  # the general-knowledge pass

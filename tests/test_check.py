@@ -6,8 +6,9 @@ import copy
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from test_report import result, write
+
+from conftest import run_cli
 
 TOLERANCES = "final_macro_f1: 0.02\nforgetting_macro_f1: 0.05\ngeneral_retention: 0.05\n"
 

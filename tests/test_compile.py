@@ -8,8 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from cpt_bench.plugin import Method, SequenceState, Stage
+from cpt_bench.plugin import Method
 from cpt_bench.settings import DapSettings
+from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.trainer import DapTrainer
 
 TEXTS = [f"the cats was {a} and {b} ." for a in ("purr", "nap", "soft", "calm") for b in ("hiss", "bite")]
@@ -31,7 +32,7 @@ def test_compiled_stage_matches_the_eager_one(tiny_lm):
         model.config.attention_probs_dropout_prob = 0.0
         accelerator = Accelerator(cpu=True)
         method = Method()
-        method.on_sequence_start(SequenceState(model, tokenizer, accelerator, ["cats"], 0))
+        method.before_sequence(SequenceState(model, tokenizer, accelerator, ["cats"], 0))
         trainer = DapTrainer(accelerator, tokenizer, settings, method, seed=0, show_progress=False)
         record = trainer.train_stage(model, blocks, Stage("cats", ["cats"]), 0)
         return record.loss_curve, model

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, write_jsonl
 
 from cpt_bench.data import encode_split, read_corpus, read_end_task
 from cpt_bench.errors import BadInput
 from cpt_bench.suite import load_suite
+
+from conftest import assert_one_line_error, run_cli, write_jsonl
 
 # One folder per domain: unlabeled.jsonl {"text"}; train/test (+ optional dev) {"text", "label"} and
 # "aspect" for aspect sentiment. Written by hand in the shape of each end task.
@@ -147,8 +148,8 @@ def test_aspect_sentiment_is_a_sentence_pair_aspect_first(tmp_path):
     # with a BERT tokenizer the segment ids reach the model: 0 up to the first [SEP], 1 over the sentence
     from transformers import BertTokenizerFast
 
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-                                                  + sorted({w.lower() for w in words})) + "\n")
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w.lower() for w in words})]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
     bert = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
     batch = encode_split(bert, task.train, 64)
     segments = batch["token_type_ids"][0].tolist()
@@ -293,7 +294,7 @@ def test_minilm_alias_loads_packaged_encoder_with_a_new_tied_mlm_head(capsys):
     from transformers import BertForMaskedLM
 
     from cpt_bench.models import load_masked_lm, minilm_dir
-    from cpt_bench.runner import model_fingerprint
+    from cpt_bench.plan import model_fingerprint
     from cpt_bench.units import UnitMap
 
     torch.manual_seed(1)

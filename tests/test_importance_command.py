@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 
 from cpt_bench.results import SCHEMA
+
+from conftest import assert_one_line_error, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEM = "synthetic__softmask__alpha-beta__seed0__abc123"

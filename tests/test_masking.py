@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from cpt_bench.data import MaskingCollator, mlm_blocks
+from cpt_bench.batches import MaskingCollator, mlm_blocks
 from cpt_bench.errors import BadInput
 from cpt_bench.synthetic import build_tokenizer
 

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from safetensors.torch import load_file
+
+from conftest import run_cli
 
 
 def launch(tiny_suite: Path, output: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
@@ -66,8 +67,9 @@ LR_PROBE = '''
 import json, sys
 from accelerate import Accelerator
 from transformers import AutoModelForMaskedLM, AutoTokenizer
-from cpt_bench.data import mlm_blocks
-from cpt_bench.plugin import Method, SequenceState, Stage
+from cpt_bench.batches import mlm_blocks
+from cpt_bench.plugin import Method
+from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.settings import DapSettings
 from cpt_bench.trainer import DapTrainer
 
@@ -83,7 +85,7 @@ class LearningRates(Method):
         self.rates.append(stage.optimizer.param_groups[0]["lr"])
 
 method = LearningRates()
-method.on_sequence_start(SequenceState(model, tokenizer, accelerator, ["cats"], 0))
+method.before_sequence(SequenceState(model, tokenizer, accelerator, ["cats"], 0))
 settings = DapSettings(steps=6, batch_size=4, seq_len=16, lr=1e-3, warmup=0.5)
 DapTrainer(accelerator, tokenizer, settings, method, seed=0, show_progress=False).train_stage(
     model, blocks, Stage("cats", ["cats"]), 0)
@@ -92,20 +94,79 @@ if accelerator.is_main_process:
 '''
 
 
+def run_probe(source: str, model_dir: Path, folder: Path) -> dict:
+    """Run a probe script (arguments: the model folder, an output file) in two processes; what it wrote."""
+    script, out = folder / "probe.py", folder / "probe.json"
+    script.write_text(source)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(script), str(model_dir), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ}, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_learning_rate_schedule_does_not_depend_on_the_process_count(tiny_model_dir, tmp_path, monkeypatch):
     """The schedule is in optimizer steps of the global batch: with two processes step k still takes the
     rate of step k (accelerate's own scheduler wrapper would advance it once per process)."""
     monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
-    script = tmp_path / "lr_probe.py"
-    script.write_text(LR_PROBE)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(script), str(tiny_model_dir), str(tmp_path / "rates.json")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ},
-                          check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = json.loads((tmp_path / "rates.json").read_text())
+    measured = run_probe(LR_PROBE, tiny_model_dir, tmp_path)
     assert measured["processes"] == 2
     warmup = [1e-3 * k / 3 for k in (1, 2, 3)]  # 3 warm-up steps, then linear decay to 0 after 6
     decay = [1e-3 * (6 - k) / 3 for k in (3, 4, 5)]
     assert measured["rates"] == pytest.approx(warmup + decay)
+
+
+REDUCTION_PROBE = '''
+import contextlib, json, sys
+import torch
+from accelerate import Accelerator
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+from cpt_bench.batches import mlm_blocks
+from cpt_bench.plugin import Method
+from cpt_bench.settings import DapSettings
+from cpt_bench.stage import Stage
+from cpt_bench.trainer import DapTrainer
+
+model_dir, out = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+blocks = mlm_blocks([f"the cats was {w} ." for w in ("purr", "nap", "soft", "calm")] * 8, tokenizer, 16, "cats")
+accelerator = Accelerator(cpu=True)
+
+class CountReductions(Method):
+    reductions = 0
+    def before_first_step(self, stage):  # DDP's communication hook: called once per gradient bucket reduced
+        def hook(state, bucket):
+            self.reductions += 1
+            return allreduce_hook(None, bucket)
+        stage.objective.register_comm_hook(None, hook)
+
+def train(grad_accum, reduce_every_micro_batch=False):
+    if reduce_every_micro_batch:  # what the trainer did before it used no_sync
+        accelerator.no_sync = lambda model: contextlib.nullcontext()
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir)
+    method = CountReductions()
+    settings = DapSettings(steps=4, batch_size=4, seq_len=16, lr=1e-3, grad_accum=grad_accum)
+    record = DapTrainer(accelerator, tokenizer, settings, method, seed=0, show_progress=False).train_stage(
+        model, blocks, Stage("cats", ["cats"]), 0)
+    vars(accelerator).pop("no_sync", None)
+    return {"losses": record.loss_terms["total"], "reductions": method.reductions}
+
+runs = {"one": train(1), "accumulated": train(2), "reduced_every_micro_batch": train(2, True)}
+if accelerator.is_main_process:
+    json.dump({"processes": accelerator.num_processes, **runs}, open(out, "w"))
+'''
+
+
+def test_accumulated_micro_batches_reduce_gradients_once_per_step(tiny_model_dir, tmp_path, monkeypatch):
+    """With gradient accumulation, processes average gradients once per optimizer step (accelerate's no_sync on
+    the step's other micro-batches), not after every micro-batch; the losses are those of reducing every time."""
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    measured = run_probe(REDUCTION_PROBE, tiny_model_dir, tmp_path)
+    assert measured["processes"] == 2
+    one, accumulated, every = (measured[k] for k in ("one", "accumulated", "reduced_every_micro_batch"))
+    assert one["reductions"] > 0 and accumulated["reductions"] == one["reductions"]
+    assert every["reductions"] == 2 * one["reductions"]
+    assert accumulated["losses"] == pytest.approx(every["losses"], rel=1e-5)

@@ -6,6 +6,7 @@ import json
 import math
 
 import yaml
+
 from conftest import run_cli
 
 
@@ -29,7 +30,7 @@ def test_result_has_a_perplexity_row_per_stage(tiny_suite, tmp_path):
 
 
 def test_heldout_texts_are_cut_from_the_corpus(tiny_suite):
-    from cpt_bench.runner import LoadedData, RunRequest, plan_run
+    from cpt_bench.plan import LoadedData, RunRequest, plan_run
 
     _with_heldout(tiny_suite, heldout_texts=16)
     plan = plan_run(RunRequest(method="naive", suite=str(tiny_suite), show_progress=False))
@@ -47,11 +48,12 @@ def test_perplexity_is_deterministic_and_falls_when_the_text_is_learned(tiny_mod
     import torch
     from accelerate import Accelerator
 
-    from cpt_bench.data import mlm_blocks
+    from cpt_bench.batches import mlm_blocks
     from cpt_bench.models import load_masked_lm
     from cpt_bench.perplexity import masked_lm_perplexity
-    from cpt_bench.plugin import Method, Stage
+    from cpt_bench.plugin import Method
     from cpt_bench.settings import DapSettings
+    from cpt_bench.stage import Stage
     from cpt_bench.trainer import DapTrainer
 
     model, tokenizer = load_masked_lm(str(tiny_model_dir))

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import run_cli
+
+from conftest import run_cli, stage_state
 
 CONTRACT_KEYS = ["schema", "method", "method_config", "suite", "domains", "seed", "model", "matrix", "base",
                  "metrics", "probes", "stages", "provenance"]
@@ -76,22 +77,18 @@ def test_one_starts_every_domain_from_the_original_weights(tiny_model_dir):
     """`one` reloads the original parameters before each stage, whatever the previous stage did."""
     from transformers import AutoModelForMaskedLM
 
-    from cpt_bench.plugin import SequenceState, method_class
+    from cpt_bench.plugin import method_class
+    from cpt_bench.stage import SequenceState
 
     model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     method = method_class("one")()
-    method.on_sequence_start(SequenceState(model, None, None, ["cats", "dogs"], 0))
+    method.before_sequence(SequenceState(model, None, None, ["cats", "dogs"], 0))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # what a previous stage's training would leave behind
 
-    class Stage:
-        pass
-
-    stage = Stage()
-    stage.model, stage.resumed = model, False
-    method.before_domain(stage)
+    method.before_first_step(stage_state(model, name="dogs", index=1))
     for name, value in model.state_dict().items():
         assert torch.equal(value, original[name]), name
 
@@ -106,7 +103,7 @@ def test_command_line_finetune_setting_beats_a_tasks_own(tiny_suite):
     import yaml
 
     from cpt_bench.evaluator import task_settings
-    from cpt_bench.runner import RunRequest, plan_run
+    from cpt_bench.plan import RunRequest, plan_run
 
     suite = yaml.safe_load(tiny_suite.read_text())
     suite["domains"][0]["end_task"]["finetune"] = {"epochs": 5, "lr": 0.01}

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from conftest import run_cli
 
 SCHEMA = "cpt-bench/run/v1"
@@ -92,7 +93,7 @@ def test_markdown_mean_and_sample_std_over_seeds(runs):
 
 
 def test_report_function_matches_cli(runs):
-    from cpt_bench.report import report
+    from cpt_bench.report.formats import report
 
     assert report([str(runs)]).strip() == _ok(str(runs)).strip()
 
@@ -233,15 +234,43 @@ def _bad(*args, fragment: str | None = None) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("content", [
+NOT_RESULTS = [
     json.dumps({"hello": "world"}),  # JSON, not a result
     json.dumps({**result(), "schema": "cpt-bench/run/v0"}),  # another schema
     json.dumps([result()]),  # not an object
     "{not json",  # malformed
-])
-def test_folder_with_a_non_result_json(runs, content):
+]
+
+
+@pytest.mark.parametrize("content", NOT_RESULTS)
+def test_a_folder_skips_what_is_not_a_result_file_and_names_it(runs, content):
+    before = _ok(str(runs))
     write(runs, "zz_other.json", content)
-    _bad(str(runs), fragment="zz_other.json")
+    out = run_cli("report", str(runs))
+    assert out.exit_code == 0, out.output
+    skipped = [line for line in out.stderr.splitlines() if "zz_other.json" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped 1 file"), out.stderr
+    assert out.stdout.split("\n\n")[0] == before.split("\n\n")[0]  # the same table
+
+
+@pytest.mark.parametrize("content", NOT_RESULTS)
+def test_a_named_file_that_is_not_a_result_is_bad_input(runs, content):
+    write(runs, "zz_other.json", content)
+    _bad(str(runs / "zz_other.json"), fragment="zz_other.json")
+
+
+def test_a_report_written_into_the_runs_folder_does_not_break_the_next_report(runs):
+    for fmt in ("json", "csv", "markdown"):
+        _ok(str(runs), "--format", fmt, "--output", str(runs / f"report.{fmt}"))
+    out = run_cli("report", str(runs))
+    assert out.exit_code == 0 and "report.json" in out.stderr, out.output
+
+
+def test_a_folder_with_a_broken_result_file_is_bad_input(runs):
+    broken = result()
+    del broken["method"]  # says it is a result file, but is not a sound one
+    write(runs, "zz_broken.json", json.dumps(broken))
+    _bad(str(runs), fragment="zz_broken.json")
 
 
 def test_missing_path(tmp_path):

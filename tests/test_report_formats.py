@@ -10,10 +10,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from test_report import markdown_rows, result, write
 
 from cpt_bench.stats import paired_bootstrap, summarise_values
+
+from conftest import run_cli
 
 
 def full_result(method: str, seed: int, final: list[float], diagonal: list[float], **overrides) -> dict:

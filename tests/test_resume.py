@@ -1,9 +1,9 @@
-"""Resume: a run interrupted anywhere (mid-stage, between DAP and evaluation, mid-fine-tune, SIGKILL, SIGTERM)
-and run again ends with the same result as an uninterrupted run (CPU, fixed seed)."""
+"""Resume: a run interrupted anywhere (between DAP and evaluation, mid-fine-tune, SIGKILL, SIGTERM; mid-stage for
+every method: test_method_contract.py) and run again ends with the same result as an uninterrupted run (CPU,
+fixed seed)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,103 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 
 from cpt_bench.checkpoint import load_state, save_state
 
-
-class Crash(BaseException):
-    """Stands in for a kill: not an Exception, so nothing in the run catches it."""
-
-
-# what must be equal after a resume: everything measured
-COMPARED = ("matrix", "base", "metrics", "probes", "perplexity", "method_config", "domains", "matrix_rows")
-
-
-def _result(out: Path) -> dict:
-    (path,) = out.glob("*.json")
-    return json.loads(path.read_text())
-
-
-def _run(tiny_suite, out: Path, method: str, *extra: str):
-    return run_cli("run", "--method", method, "--suite", str(tiny_suite), "--output", str(out), "--quiet",
-                   "--checkpoint-every", "2", *extra)
-
-
-def _crash_at_batch(monkeypatch, number: int) -> None:
-    """Crash when the trainer draws DAP batch `number` (counted over the whole run, from 1)."""
-    from cpt_bench import trainer
-
-    original, drawn = trainer._endless, [0]
-
-    def endless(loader):
-        for batch in original(loader):
-            drawn[0] += 1
-            if drawn[0] == number:
-                raise Crash(f"batch {number}")
-            yield batch
-
-    monkeypatch.setattr(trainer, "_endless", endless)
-
-
-def _crash_at_finetune(monkeypatch, number: int) -> None:
-    """Crash inside fine-tune number `number` of the run (base scores come from the cache)."""
-    from cpt_bench.evaluator import EndTaskEvaluator
-
-    original, calls = EndTaskEvaluator.evaluate, [0]
-
-    def evaluate(self, lm, task, seed):
-        calls[0] += 1
-        if calls[0] == number:
-            raise Crash(f"fine-tune {number}")
-        return original(self, lm, task, seed)
-
-    monkeypatch.setattr(EndTaskEvaluator, "evaluate", evaluate)
-
-
-def _assert_same(resumed: dict, reference: dict) -> None:
-    for key in COMPARED:
-        assert resumed[key] == reference[key], key
-    for got, want in zip(resumed["stages"], reference["stages"]):
-        assert (got["loss_curve"], got["tokens"], got["steps"]) == (want["loss_curve"], want["tokens"], want["steps"])
-
-
-@pytest.fixture
-def reference_runs(tiny_suite, tmp_path):
-    """Uninterrupted result per method (computed once per test)."""
-    cache = {}
-
-    def get(method: str) -> dict:
-        if method not in cache:
-            out = tmp_path / f"reference-{method}"
-            result = _run(tiny_suite, out, method)
-            assert result.exit_code == 0, result.output
-            cache[method] = _result(out)
-            assert not (out / ".work").exists() or not any((out / ".work").iterdir())  # removed when done
-        return cache[method]
-
-    return get
-
-
-METHODS = ["naive", "softmask", "ewc", "kd", "derpp", "adapter", "lora", "demix", "one", "joint"]
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_crash_inside_a_stage_then_resume_gives_the_same_result(method, tiny_suite, tmp_path, monkeypatch,
-                                                                  reference_runs):
-    reference = reference_runs(method)
-    out = tmp_path / "crashed"
-    # the tiny suite trains 4 steps per domain; checkpoints every 2 steps. The trainer draws each batch during
-    # the step before (so a stage draws 5); draw 9 is made in step 3 of the second stage (joint: in step 8 of
-    # its one 8-step stage): the run loses step 3 and resumes from step 2 (joint: from step 6)
-    _crash_at_batch(monkeypatch, 9)
-    with pytest.raises(Crash):
-        _run(tiny_suite, out, method)
-    assert not list(out.glob("*.json")), "a crashed run left a result file"
-    monkeypatch.undo()
-    resumed = _run(tiny_suite, out, method)
-    assert resumed.exit_code == 0, resumed.output
-    _assert_same(_result(out), reference)
+from conftest import run_cli
+from interruptions import Crash, assert_same_result, crash_at_batch, crash_at_finetune, only_result, run_tiny
 
 
 @pytest.mark.parametrize("method, crash", [("naive", "after_first_dap"), ("naive", "mid_finetune"),
@@ -120,37 +28,37 @@ def test_crash_between_training_and_evaluation_then_resume(method, crash, tiny_s
     reference = reference_runs(method)
     out = tmp_path / "crashed"
     if crash == "after_first_dap":
-        _crash_at_finetune(monkeypatch, 1)  # stage 1 trained and checkpointed, nothing evaluated
+        crash_at_finetune(monkeypatch, 1)  # stage 1 trained and checkpointed, nothing evaluated
     elif crash == "mid_finetune":
-        _crash_at_finetune(monkeypatch, 2)  # first end task scored (kept in progress.json), probe not yet
+        crash_at_finetune(monkeypatch, 2)  # first end task scored (kept in progress.json), probe not yet
     else:
-        _crash_at_finetune(monkeypatch, 5)  # inside the second row
+        crash_at_finetune(monkeypatch, 5)  # inside the second row
     with pytest.raises(Crash):
-        _run(tiny_suite, out, method)
+        run_tiny(tiny_suite, out, method)
     monkeypatch.undo()
-    resumed = _run(tiny_suite, out, method)
+    resumed = run_tiny(tiny_suite, out, method)
     assert resumed.exit_code == 0, resumed.output
-    _assert_same(_result(out), reference)
+    assert_same_result(only_result(out), reference)
 
 
 def test_fresh_ignores_the_checkpoints(tiny_suite, tmp_path, monkeypatch, reference_runs):
     reference = reference_runs("naive")
     out = tmp_path / "crashed"
-    _crash_at_batch(monkeypatch, 6)
+    crash_at_batch(monkeypatch, 6)
     with pytest.raises(Crash):
-        _run(tiny_suite, out, "naive")
+        run_tiny(tiny_suite, out, "naive")
     assert list((out / ".work").glob("*/ckpt-*"))
     monkeypatch.undo()
-    result = _run(tiny_suite, out, "naive", "--fresh")
+    result = run_tiny(tiny_suite, out, "naive", "--fresh")
     assert result.exit_code == 0 and "resuming" not in result.output
-    _assert_same(_result(out), reference)
+    assert_same_result(only_result(out), reference)
 
 
 def test_only_the_newest_checkpoint_is_kept(tiny_suite, tmp_path, monkeypatch):
     out = tmp_path / "crashed"
-    _crash_at_batch(monkeypatch, 9)  # in step 3 of the second stage (see above)
+    crash_at_batch(monkeypatch, 9)  # in step 3 of the second stage (see above)
     with pytest.raises(Crash):
-        _run(tiny_suite, out, "naive")
+        run_tiny(tiny_suite, out, "naive")
     (work,) = (out / ".work").iterdir()
     assert sorted(p.name for p in work.glob("ckpt-*")) == ["ckpt-1-2"]
 
@@ -197,7 +105,7 @@ def test_killed_process_resumes_to_the_same_result(how, where, tiny_suite, tmp_p
     if "uninterrupted" not in _UNINTERRUPTED:  # the same command for every case (the suite's place does not count)
         reference_out = tmp_path / "reference"
         subprocess.run(_cli(tiny_suite, reference_out), check=True, env=env, capture_output=True)
-        _UNINTERRUPTED["uninterrupted"] = _result(reference_out)
+        _UNINTERRUPTED["uninterrupted"] = only_result(reference_out)
     out = tmp_path / "killed"
     process = subprocess.Popen(_cli(tiny_suite, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -213,7 +121,7 @@ def test_killed_process_resumes_to_the_same_result(how, where, tiny_suite, tmp_p
     resumed = subprocess.run(_cli(tiny_suite, out), check=False, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    _assert_same(_result(out), _UNINTERRUPTED["uninterrupted"])
+    assert_same_result(only_result(out), _UNINTERRUPTED["uninterrupted"])
 
 
 _UNINTERRUPTED: dict[str, dict] = {}  # the uninterrupted run's result, made by the first case that needs it
@@ -257,11 +165,11 @@ def test_a_damaged_checkpoint_is_a_one_line_error_suggesting_fresh(tiny_suite, t
     from conftest import assert_one_line_error
 
     out = tmp_path / "crashed"
-    _crash_at_batch(monkeypatch, 7)
+    crash_at_batch(monkeypatch, 7)
     with pytest.raises(Crash):
-        _run(tiny_suite, out, "naive")
+        run_tiny(tiny_suite, out, "naive")
     monkeypatch.undo()
     (state,) = out.glob(".work/*/ckpt-*/state.safetensors")
     state.write_bytes(b"not a safetensors file")
-    assert_one_line_error(_run(tiny_suite, out, "naive"), "cannot read the checkpoint", "--fresh")
-    assert _run(tiny_suite, out, "naive", "--fresh").exit_code == 0
+    assert_one_line_error(run_tiny(tiny_suite, out, "naive"), "cannot read the checkpoint", "--fresh")
+    assert run_tiny(tiny_suite, out, "naive", "--fresh").exit_code == 0

@@ -4,19 +4,23 @@ contrastive pairing, and the importance artifact of a real run."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_cli
 
 from cpt_bench.errors import BadInput
 from cpt_bench.models import mlm_loss
-from cpt_bench.plugin import SequenceState, method_class
+from cpt_bench.plugin import method_class
 from cpt_bench.settings import DapSettings
+from cpt_bench.stage import SequenceState
+from cpt_bench.trainer import MaskedLMObjective
 from cpt_bench.units import UnitMap, accumulate, normalise
+
+from conftest import run_cli, stage_state
 
 
 @pytest.fixture
@@ -27,16 +31,15 @@ def tiny(tiny_lm):
     texts = [f"the cats was {a} and {b} ." for a in ("purr", "nap", "soft", "calm") for b in ("hiss", "bite", "claw")]
     blocks = tiny_lm.blocks(texts * 4, "tiny")
     settings = DapSettings(batch_size=4, seq_len=16, mlm_probability=0.3)
-    stage = SimpleNamespace(stage_index=1, model=model, accelerator=Accelerator(cpu=True), tokenizer=tokenizer,
-                            blocks=blocks, settings=settings, stage=SimpleNamespace(name="cats"),
-                            log_term=lambda name, value: None)
+    stage = stage_state(model, blocks, index=1, tokenizer=tokenizer, accelerator=Accelerator(cpu=True),
+                        settings=settings)
     return SimpleNamespace(model=model, tokenizer=tokenizer, stage=stage, batch=tiny_lm.batch(blocks))
 
 
 def _softmask(model, **settings):
     cls = method_class("softmask")
     method = cls(cls.Settings(**settings))
-    method.on_sequence_start(SequenceState(model, None, None, ["cats"], 0))
+    method.before_sequence(SequenceState(model, None, None, ["cats"], 0))
     return method
 
 
@@ -97,14 +100,14 @@ def _displacement(tiny, steps: int, method=None) -> torch.Tensor:
     """Distance each intermediate neuron's row moves under AdamW in `steps` steps (same data every time)."""
     model = copy.deepcopy(tiny.model).train()
     torch.manual_seed(0)
-    stage = SimpleNamespace(**{**vars(tiny.stage), "model": model})
+    stage = dataclasses.replace(tiny.stage, model=model, objective=MaskedLMObjective(model))
     if method is not None:
-        method.on_sequence_start(SequenceState(model, None, None, ["cats"], 0))
+        method.before_sequence(SequenceState(model, None, None, ["cats"], 0))
         importance = method.units.zeros()
         importance["intermediate"][0, 0] = 1.0
         importance["intermediate"][0, 1] = 0.9
         method.accumulated = importance
-        method.before_domain(stage)
+        method.before_first_step(stage)
     weight = method.units.layers[0].intermediate_dense.weight if method else \
         UnitMap(model).layers[0].intermediate_dense.weight
     start = weight.detach().clone()
@@ -166,10 +169,7 @@ def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(ti
     representation of the masked text and carries the gradient; the positive is the full network on the same
     text unmasked, the negatives the gated network on it, both fixed targets without dropout."""
     from cpt_bench.methods import softmask
-
     from cpt_bench.models import encoder
-    from cpt_bench.trainer import MaskedLMObjective
-
     captured = {}
     real_info_nce = softmask.info_nce
 
@@ -182,7 +182,7 @@ def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(ti
     method = _softmask(model)
     assert method.settings.contrastive_views == "mlm_anchor"
     method.accumulated = {k: torch.full_like(v, 0.5) for k, v in method.units.zeros().items()}
-    stage = SimpleNamespace(**{**vars(tiny.stage), "objective": MaskedLMObjective(model)})
+    stage = dataclasses.replace(tiny.stage, objective=MaskedLMObjective(model))
     loss = method.loss(stage, tiny.batch)
     anchor, positive, negatives = captured["anchor"], captured["positive"], captured["negatives"]
     assert anchor.requires_grad and not positive.requires_grad and not negatives.requires_grad
@@ -205,12 +205,10 @@ def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(ti
 
 
 def test_mlm_anchor_keeps_the_models_mode(tiny):
-    from cpt_bench.trainer import MaskedLMObjective
-
     model = tiny.model.eval()
     method = _softmask(model)
     method.accumulated = {k: torch.full_like(v, 0.5) for k, v in method.units.zeros().items()}
-    method.loss(SimpleNamespace(**{**vars(tiny.stage), "objective": MaskedLMObjective(model)}), tiny.batch)
+    method.loss(dataclasses.replace(tiny.stage, objective=MaskedLMObjective(model)), tiny.batch)
     assert not model.training
 
 

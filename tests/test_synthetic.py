@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from cpt_bench.synthetic import BaseModelRecipe, SyntheticParams, build_base_model, build_languages, generate
+
+from conftest import run_cli
 
 
 def _class_words(text: str, marker: str | None) -> set[str]:

@@ -7,10 +7,8 @@ import base64
 import datetime
 import html
 import re
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from cpt_bench.report import Group, Table
+from cpt_bench.report.table import LEGEND, Table
 
 _NUMBER = re.compile(r"^\s*\**(-?\d+(?:\.\d+)?)")
 
@@ -54,10 +52,8 @@ def _cell_value(text: str) -> str:
     return match.group(1) if match else text
 
 
-def render_html(table: Table, groups: list[Group]) -> str:
-    from cpt_bench.plots import group_figures, group_title
-    from cpt_bench.report import LEGEND
-
+def render_html(table: Table, figures: list[tuple[str, dict[str, bytes]]]) -> str:
+    """The page: `table`, then each row's plots (`figures`: the row's title and its PNGs by plot name)."""
     esc = html.escape
     text_columns = {"method", "config", "suite", "order", "seeds", "model"}
     head = "".join(f'<th class="{"text" if h in text_columns else ""}">{esc(h)}</th>' for h in table.header)
@@ -69,13 +65,14 @@ def render_html(table: Table, groups: list[Group]) -> str:
             tds.append(f'<td class="{classes}" data-value="{esc(_cell_value(cell))}">{esc(cell)}</td>')
         body.append(f"<tr>{''.join(tds)}</tr>")
     sections = []
-    for group in groups:
+    for title, pngs in figures:
         images = "".join(
-            f'<img alt="{esc(f"{group_title(group)}: {kind}")}" '
+            f'<img alt="{esc(f"{title}: {kind}")}" '
             f'src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}">'
-            for kind, data in group_figures(group).items())
+            for kind, data in pngs.items())
         if images:
-            sections.append(f"<h3>{esc(group_title(group))}</h3><div class=\"plots\">{images}</div>")
+            sections.append(f"<h3>{esc(title)}</h3><div class=\"plots\">{images}</div>")
+    groups = table.groups
     suites = ", ".join(sorted({g.suite for g in groups}))
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
@@ -88,8 +85,8 @@ def render_html(table: Table, groups: list[Group]) -> str:
 </head>
 <body>
 <h1>cpt-bench leaderboard</h1>
-<p>Suites: {esc(suites)}. {len(groups)} rows from {sum(len(g.runs) for g in groups)} result files; generated {generated}.
-Click a column header to sort.</p>
+<p>Suites: {esc(suites)}. {len(groups)} rows from {sum(len(g.runs) for g in groups)} result files;
+generated {generated}. Click a column header to sort.</p>
 <table class="sortable" id="leaderboard">
 <thead><tr>{head}</tr></thead>
 <tbody>

@@ -1,43 +1,59 @@
-"""Aggregating result files into paper-style tables: one row per method (and configuration), mean ± std and a
-95% confidence interval over seeds and domain orders, best value per column marked, and a paired bootstrap
-comparison against `naive` over matched (order, seed) runs."""
+"""The table of `cpt-bench report`, independent of its format: result files read and grouped into rows (one per
+method and configuration), mean ± std and a 95% confidence interval over seeds and domain orders, the best value
+per column, and a paired bootstrap comparison against `naive` over matched (order, seed) runs. Every writer
+(markdown, LaTeX, HTML, plots) renders what this module builds."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import json
-import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from cpt_bench.errors import BadInput
-from cpt_bench.results import configuration_settings, final_scores, load_result, method_configuration
+from cpt_bench.results import SCHEMA, configuration_settings, final_scores, load_result, method_configuration
 from cpt_bench.stats import PairedComparison, Summary, paired_bootstrap, summarise_values
 
 REFERENCE_METHOD = "naive"  # significance markers compare every method with naive continual DAP
-FORMATS = ("markdown", "latex", "csv", "json", "html")
 
 
 # ---------------------------------------------------------------- reading
 
 
 def find_result_files(paths: list[str]) -> list[Path]:
+    """The result files among `paths`: a file is taken as given; a folder is searched for `*.json` files that
+    are result files (anything else there, e.g. a report written into it, is skipped and named on stderr)."""
     files: list[Path] = []
+    skipped: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             # hidden names are skipped: temp files and the `.work` folders of unfinished runs (checkpoints)
-            files.extend(sorted(p for p in path.rglob("*.json")
-                                if not any(part.startswith(".") for part in p.relative_to(path).parts)))
+            found = sorted(p for p in path.rglob("*.json")
+                           if not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files.extend(p for p in found if is_result_file(p))
+            skipped.extend(p for p in found if not is_result_file(p))
         elif path.is_file():
             files.append(path)
         else:
             raise BadInput(f"no such result file or folder: {raw}")
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not {SCHEMA} result files: "
+              f"{', '.join(str(p) for p in skipped)}", file=sys.stderr)
     return files
+
+
+def is_result_file(path: Path) -> bool:
+    """Whether a JSON file says it is a result file (its `schema`); whether it is a sound one, `load_result`
+    decides."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
 
 
 def load_results(paths: list[str]) -> list[dict[str, Any]]:
@@ -45,7 +61,7 @@ def load_results(paths: list[str]) -> list[dict[str, Any]]:
     for file in find_result_files(paths):
         try:
             results.append(load_result(file))
-        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError) as error:
             raise BadInput(f"{file}: not a readable result file ({str(error).splitlines()[0][:120]})") from None
     if not results:
         raise BadInput(f"no result files found in {', '.join(paths)}")
@@ -198,6 +214,11 @@ class Group:
     def key(self) -> tuple:
         return (self.suite, self.model, self.method, self.config, self.order)
 
+    @property
+    def title(self) -> str:
+        title = f"{self.method} on {self.suite}"
+        return f"{title} [{self.config}]" if self.config else title
+
 
 def group_runs(results: list[dict[str, Any]], by_order: bool = False) -> list[Group]:
     """Rows of the table. Runs that differ in model or any setting are never averaged together; different
@@ -211,7 +232,7 @@ def group_runs(results: list[dict[str, Any]], by_order: bool = False) -> list[Gr
         order = ",".join(map(str, r["domains"])) if by_order else ""
         buckets.setdefault((r["suite"], r["model"], r["method"], config_label(results, r), order), []).append(r)
     groups = []
-    for (suite, model, method, config, order), runs in sorted(buckets.items()):
+    for (suite, model, method, config, _), runs in sorted(buckets.items()):
         orders = sorted({",".join(map(str, r["domains"])) for r in runs})
         group = Group(suite, model, method, config, orders[0] if len(orders) == 1 else f"{len(orders)} orders",
                       runs)
@@ -329,42 +350,11 @@ def build_table(groups: list[Group]) -> Table:
     return Table(header, rows, bold, groups)
 
 
-def render_markdown(table: Table) -> str:
-    rows = [[f"**{cell}**" if flag else cell for cell, flag in zip(cells, flags)]
-            for cells, flags in zip(table.rows, table.bold)]
-    frame = pd.DataFrame(rows, columns=table.header)
-    text = frame.to_markdown(index=False, disable_numparse=True)  # keep "0.500": cells are text
-    return text + "\n\n" + LEGEND
-
-
 LEGEND = ("mean ± sample std over runs (seeds × orders); bold: best in column; ▲/▼: significantly better/worse "
           "than naive (paired bootstrap over matched order and seed, 95% CI excludes 0); domain columns: final "
           "macro-F1; KT vs one: mean_j A[T-1][j] − ONE[j][j]; general Δ: general probe after the last stage "
           "minus before DAP; ppl forgetting: mean rise of a learned domain's held-out MLM perplexity; "
           "overhead M: extra numbers kept by the method, millions.")
-
-_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
-
-
-def render_latex(table: Table) -> str:
-    def cell(text: str, flag: bool) -> str:
-        text = latex_escape(text).replace(" ± ", r" $\pm$ ").replace("▲", r"$\blacktriangle$") \
-            .replace("▼", r"$\blacktriangledown$").replace("—", "--").replace("Δ", r"$\Delta$")
-        return rf"\textbf{{{text}}}" if flag else text
-
-    lines = [r"% needs \usepackage{booktabs} and \usepackage{amssymb}",
-             r"\begin{tabular}{" + "l" * len(table.header) + "}", r"\toprule",
-             " & ".join(cell(h, False) for h in table.header) + r" \\", r"\midrule"]
-    lines += [" & ".join(cell(c, f) for c, f in zip(cells, flags)) + r" \\"
-              for cells, flags in zip(table.rows, table.bold)]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines)
-
 
 def records(groups: list[Group]) -> list[dict[str, Any]]:
     """Machine-readable rows: identity, then mean/std/ci/n of every column, and the comparison with naive."""
@@ -381,37 +371,3 @@ def records(groups: list[Group]) -> list[dict[str, Any]]:
             record[f"{label} vs naive"] = {**dataclasses.asdict(comparison), "significant": comparison.significant}
         out.append(record)
     return out
-
-
-def render(groups: list[Group], fmt: str, plots_dir: Path | None = None) -> str:
-    if fmt not in FORMATS:
-        raise BadInput(f"--format {fmt!r} is not supported (use {', '.join(FORMATS)})")
-    if fmt == "json":
-        return json.dumps(records(groups), indent=2, default=_json_default)
-    if fmt == "csv":
-        frame = pd.DataFrame.from_records(records(groups))
-        return frame.to_csv(index=False)
-    table = build_table(groups)
-    if fmt == "latex":
-        return render_latex(table)
-    if fmt == "html":
-        from cpt_bench.html_report import render_html
-
-        return render_html(table, groups)
-    return render_markdown(table)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"not JSON serialisable: {value!r}")
-
-
-def report(paths: list[str], fmt: str = "markdown", by_order: bool = False,
-           plots_dir: str | None = None) -> str:
-    groups = group_runs(load_results(paths), by_order)
-    if plots_dir is not None:
-        from cpt_bench.plots import write_plots
-
-        write_plots(groups, Path(plots_dir))
-    return render(groups, fmt)

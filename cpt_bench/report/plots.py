@@ -7,10 +7,10 @@ import io
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from cpt_bench.report import Group
+from cpt_bench.atomic import write_bytes_atomic
+from cpt_bench.report.table import Group
 
 
 def _pyplot():
@@ -47,11 +47,6 @@ def _main_order_runs(group: Group) -> list[dict[str, Any]]:
     return [r for r in group.runs if tuple(r["domains"]) == order]
 
 
-def group_title(group: Group) -> str:
-    title = f"{group.method} on {group.suite}"
-    return f"{title} [{group.config}]" if group.config else title
-
-
 def _heatmap(ax, matrix, row_labels, column_labels, title, fmt, cmap, vmin=None, vmax=None):
     import numpy as np
 
@@ -82,7 +77,7 @@ def group_figures(group: Group) -> dict[str, bytes]:
         rows = (base or []) + matrix
         labels = (["base"] if base else []) + [f"after {s}" for s in stage_names]
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(domains), 1.0 + 0.45 * len(rows)))
-        _heatmap(ax, rows, labels, domains, f"{group_title(group)}: macro-F1 ({seeds})", ".2f", "viridis", 0, 1)
+        _heatmap(ax, rows, labels, domains, f"{group.title}: macro-F1 ({seeds})", ".2f", "viridis", 0, 1)
         figures["matrix"] = _png(fig)
 
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -93,18 +88,20 @@ def group_figures(group: Group) -> dict[str, bytes]:
         ax.set_xticks(range(len(labels)), labels=labels, rotation=30, ha="right")
         ax.set_ylabel("macro-F1")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{group_title(group)}: each domain over the stages", fontsize=9)
+        ax.set_title(f"{group.title}: each domain over the stages", fontsize=9)
         ax.legend(fontsize=7)
         figures["curves"] = _png(fig)
 
-    perplexity = _mean_matrix(runs, lambda r: ([(r.get("perplexity") or {}).get("base")] +
-                                               (r.get("perplexity") or {}).get("stages", []))
-                              if (r.get("perplexity") or {}).get("corpora") else None)
+    def perplexity_rows(result: dict[str, Any]) -> list[list[float]] | None:  # base, then after each stage
+        block = result.get("perplexity") or {}
+        return [block.get("base"), *block.get("stages", [])] if block.get("corpora") else None
+
+    perplexity = _mean_matrix(runs, perplexity_rows)
     if perplexity:
         corpora = runs[0]["perplexity"]["corpora"]
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(corpora), 1.0 + 0.45 * len(perplexity)))
-        _heatmap(ax, perplexity, ["base"] + [f"after {s}" for s in stage_names][: len(perplexity) - 1], corpora,
-                 f"{group_title(group)}: held-out MLM perplexity", ".1f", "magma_r")
+        _heatmap(ax, perplexity, ["base", *[f"after {s}" for s in stage_names][:len(perplexity) - 1]], corpora,
+                 f"{group.title}: held-out MLM perplexity", ".1f", "magma_r")
         figures["perplexity"] = _png(fig)
     return figures
 
@@ -124,8 +121,6 @@ def slug(text: str) -> str:
 
 def write_plots(groups: list[Group], folder: Path) -> list[Path]:
     """One PNG per (row, plot) into `folder` (each written atomically); returns the paths."""
-    from cpt_bench.results import write_bytes_atomic
-
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for group in groups:

@@ -1,0 +1,208 @@
+"""A run's plan: the request of `cpt-bench run`, validated whole (suite, order, settings, method, data and
+model) before any training, so that bad input is one line and nothing is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpt_bench.batches import mlm_blocks
+from cpt_bench.data import read_corpus, read_end_task
+from cpt_bench.errors import BadInput
+from cpt_bench.evaluator import check_end_task
+from cpt_bench.models import load_masked_lm
+from cpt_bench.plugin import Method, method_class
+from cpt_bench.settings import override, parse_set_options
+from cpt_bench.suite import Suite, load_suite
+from cpt_bench.synthetic import materialise
+
+
+@dataclasses.dataclass
+class RunRequest:
+    """What `cpt-bench run` was asked (CONTRACT.md options)."""
+
+    method: str
+    suite: str
+    order: list[str] | None = None
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    model: str | None = None
+    data_dir: str | None = None
+    steps: int | None = None
+    output: str = "results/runs"
+    device: str = "auto"
+    eval: str = "full"
+    limit: int | None = None
+    sets: list[str] = dataclasses.field(default_factory=list)
+    show_progress: bool = True
+    checkpoint_every: int = 500  # optimizer steps between mid-stage checkpoints (0: stage ends only)
+    fresh: bool = False  # ignore (and delete) the run's checkpoints
+    resume: bool = True  # False: no work directory at all (nothing saved, nothing resumed)
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (only on the user's explicit flag)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """A validated request: suite, order, settings and method, ready to run for each seed."""
+
+    request: RunRequest
+    suite: Suite
+    domains: list[str]
+    method_cls: type[Method]
+    method_settings: Any
+    dap: Any
+    finetune: Any
+    data_dir: Path | None
+    model_name: str
+    data: LoadedData | None = None  # every corpus and end task, read and validated
+    original_model: Any = None  # the LM as loaded (each seed trains a copy)
+    tokenizer: Any = None
+    model_fingerprint: str = ""
+
+
+def plan_run(request: RunRequest) -> RunPlan:
+    """Check every option before any work: unknown names, bad orders, bad settings are BadInput."""
+    suite = load_suite(request.suite)
+    method_cls = method_class(request.method)
+    if request.eval not in ("full", "final"):
+        raise BadInput(f"--eval must be 'full' or 'final', got {request.eval!r}")
+    if request.device not in ("auto", "cpu", "cuda"):
+        raise BadInput(f"--device must be auto, cpu or cuda, got {request.device!r}")
+    if request.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA device is available")
+    if request.limit is not None and request.limit <= 0:
+        raise BadInput(f"--limit must be positive, got {request.limit}")
+    if not request.seeds:
+        raise BadInput("no --seed given")
+    domains = suite.resolve_order(request.order)  # names, or row K of a named order ("paper:K")
+
+    dap, finetune = suite.dap, suite.finetune
+    if request.steps is not None:
+        dap = override(dap, "steps", str(request.steps), "dap")
+    method_settings = method_cls.Settings()
+    method_blocks = {method_cls.name, *method_cls.aliases, "method"}
+    finetune_keys_from_cli: set[str] = set()
+    for block, values in parse_set_options(request.sets).items():
+        for key, value in values.items():
+            if block == "dap":
+                dap = override(dap, key, value, "dap")
+            elif block == "finetune":
+                finetune = override(finetune, key, value, "finetune")
+                finetune_keys_from_cli.add(key)
+            elif block in method_blocks:
+                method_settings = override(method_settings, key, value, method_cls.name)
+            else:
+                raise BadInput(f"--set {block}.{key}: unknown settings block {block!r} "
+                               f"(known: dap, finetune, {method_cls.name})")
+    plan = RunPlan(request, suite, list(domains), method_cls, method_settings, dap, finetune,
+                   resolve_data_dir(suite, request.data_dir), request.model or suite.model)
+    plan.data = LoadedData(plan)  # data problems surface before the (possibly slow) model load
+    for task in plan.data.tasks + plan.data.probes:  # the command line beats a task's own settings in the suite
+        task.finetune_overrides = {k: v for k, v in task.finetune_overrides.items() if k not in finetune_keys_from_cli}
+    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name, request.trust_remote_code)
+    plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
+    plan.data.tokenizer = plan.tokenizer
+    for task in plan.data.tasks + plan.data.probes:
+        check_end_task(plan.tokenizer, plan.finetune, task)
+    for corpus in plan.data.heldout:  # tokenised now: a held-out text too short for one block fails early
+        plan.data.heldout_blocks(corpus, dap.seq_len, suite.perplexity.blocks)
+    return plan
+
+
+def resolve_data_dir(suite: Suite, data_dir: str | None) -> Path | None:
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise BadInput(f"--data-dir {data_dir}: no such directory")
+        return path
+    if suite.data_dir is not None:
+        return (Path(suite.source_file).parent / suite.data_dir).resolve()
+    if suite.generator is not None:
+        return materialise(suite.generator)
+    if suite.needs_data_dir():
+        raise BadInput(f"suite {suite.name!r} reads its data from disk: give --data-dir DIR "
+                       "(one folder per domain, see the README)")
+    return None
+
+
+class LoadedData:
+    """Every corpus and end task of a plan, read and validated (before any training starts)."""
+
+    def __init__(self, plan: RunPlan):
+        suite, limit = plan.suite, plan.request.limit
+        self.corpora: dict[str, Any] = {}
+        self.tasks = []
+        self.heldout: dict[str, tuple[list[str], str]] = {}  # corpus name -> held-out texts for perplexity
+        cut = suite.perplexity.heldout_texts if suite.perplexity.blocks else 0
+        for name in plan.domains:
+            domain = suite.domain(name)
+            texts, where = read_corpus(domain.corpus, domain.corpus_field, plan.data_dir, limit)
+            if domain.heldout is not None:
+                self.heldout[name] = read_corpus(domain.heldout, domain.corpus_field, plan.data_dir, limit)
+            elif cut and len(texts) >= 4 * cut:  # hold out the corpus's last texts (never trained on)
+                texts, self.heldout[name] = texts[:-cut], (texts[-cut:], f"{where} (last {cut} texts)")
+            self.corpora[name] = (texts, where)
+            self.tasks.append(read_end_task(name, domain.end_task, plan.data_dir, limit))
+        self.probes = [read_end_task(p.name, p.end_task, plan.data_dir, limit) for p in suite.probes]
+        if suite.perplexity.blocks:
+            for name, source in suite.heldout_corpora.items():
+                self.heldout[name] = read_corpus(source, "text", plan.data_dir, limit)
+        self.tokenizer = None  # set once the model is loaded
+        self._blocks: dict[str, Any] = {}
+
+    def blocks(self, corpus: str, seq_len: int):
+        if corpus not in self._blocks:
+            texts, where = self.corpora[corpus]
+            self._blocks[corpus] = mlm_blocks(texts, self.tokenizer, seq_len, where)
+        return self._blocks[corpus]
+
+    def heldout_blocks(self, corpus: str, seq_len: int, count: int):
+        """The first `count` blocks of a corpus's held-out text."""
+        key = f"heldout:{corpus}"
+        if key not in self._blocks:
+            texts, where = self.heldout[corpus]
+            blocks = mlm_blocks(texts, self.tokenizer, seq_len, where)
+            self._blocks[key] = blocks.select(range(min(count, len(blocks))))
+        return self._blocks[key]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of every end task's data (computed once per plan)."""
+        parts = [(t.name, t.label_names, t.train.texts, t.train.text_pairs, t.train.labels, t.test.texts,
+                  t.test.text_pairs, t.test.labels, t.dev and (t.dev.texts, t.dev.labels), t.average,
+                  t.finetune_overrides)
+                 for t in self.tasks + self.probes]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def result_path(plan: RunPlan, seed: int, config: dict[str, Any]) -> Path:
+    """One file per (method, order, seed); a different configuration gets a different file."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    order = "-".join(plan.domains)
+    if len(order) > 60:
+        order = hashlib.sha256(order.encode()).hexdigest()[:12]
+    name = f"{plan.suite.name}__{plan.method_cls.name}__{order}__seed{seed}__{digest}.json"
+    return Path(plan.request.output) / name
+
+
+
+def make_accelerator(plan: RunPlan):
+    from accelerate import Accelerator
+
+    # "auto" without a GPU is the CPU, said explicitly: accelerate joins several launched processes on the CPU
+    # (gloo) only when told cpu=True, and otherwise runs each of them alone
+    cpu = plan.request.device == "cpu" or (plan.request.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu, mixed_precision=plan.dap.precision)

@@ -1,0 +1,106 @@
+"""The shape of the code's imports: the core (cpt_bench/) has no import cycle, counting every import statement
+wherever it stands (a function-level import that hides a cycle is a cycle); plugins (methods/, baselines/)
+import only the core, never each other; the core never imports a plugin."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+PLUGIN_FOLDERS = {"methods": "cpt_bench.methods", "baselines": "cpt_bench.baselines"}
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the installed package by its dotted name (the plugin folders install under cpt_bench)."""
+    modules = {}
+    for path in (ROOT / "cpt_bench").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for folder, package in PLUGIN_FOLDERS.items():
+        for path in (ROOT / folder).glob("*.py"):
+            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return modules
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package's modules that `name` imports anywhere in its file (top level, functions, TYPE_CHECKING),
+    with the parent packages that importing a submodule runs first."""
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package upwards
+                parents = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parents, base] if base else parents)
+            targets.add(base)
+            targets.update(f"{base}.{alias.name}" for alias in node.names)  # `from package import module`
+    found = set()
+    for target in targets:
+        parts = target.split(".")
+        found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in known)
+    found.discard(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_files()
+    return {name: imported_modules(name, path, set(modules)) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for child in sorted(graph.get(node, ())):
+            if state.get(child) == "open":
+                return [*stack[stack.index(child):], child]
+            if child not in state and (cycle := visit(child)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle_hidden_in_a_function():
+    graph = import_graph()
+    graph["cpt_bench.errors"] = graph["cpt_bench.errors"] | {"cpt_bench.runner"}  # as a function-level import would
+    assert find_cycle(graph) is not None
+
+
+def test_imports_inside_functions_are_seen(tmp_path):
+    module = tmp_path / "late.py"
+    module.write_text("def f():\n    from cpt_bench.runner import execute\n    return execute\n")
+    assert imported_modules("cpt_bench.late", module, {"cpt_bench", "cpt_bench.runner"}) == \
+        {"cpt_bench", "cpt_bench.runner"}
+
+
+def test_plugins_import_only_the_core():
+    graph = import_graph()
+    plugins = {name for name in graph if name.startswith(tuple(PLUGIN_FOLDERS.values()))}
+    for name in sorted(plugins):
+        other_plugins = {m for m in graph[name] if m in plugins}
+        assert not other_plugins, f"{name} imports {sorted(other_plugins)}: move what they share into cpt_bench/"
+
+
+def test_the_core_never_imports_a_plugin():
+    graph = import_graph()
+    plugins = {name for name in graph if name.startswith(tuple(PLUGIN_FOLDERS.values()))}
+    for name in sorted(set(graph) - plugins):
+        assert not graph[name] & plugins, f"{name} imports {sorted(graph[name] & plugins)} (the registry loads them)"
