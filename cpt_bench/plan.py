@@ -126,7 +126,7 @@ def resolve_data_dir(suite: Suite, data_dir: str | None) -> Path | None:
         return materialise(suite.generator)
     if suite.needs_data_dir():
         raise BadInput(f"suite {suite.name!r} reads its data from disk: give --data-dir DIR "
-                       "(one folder per domain, see the README)")
+                       "(one folder per domain, see docs/suites.md)")
     return None
 
 
