@@ -43,8 +43,13 @@ def write(folder: Path, name: str, data) -> Path:
 
 
 def markdown_rows(text: str) -> list[dict[str, str]]:
-    """Parse a pipe table into {column: cell} per row."""
-    lines = [line for line in text.splitlines() if line.strip().startswith("|")]
+    """Parse the first pipe table of `text` into {column: cell} per row."""
+    lines = []
+    for line in text.splitlines():
+        if line.strip().startswith("|"):
+            lines.append(line)
+        elif lines:
+            break  # the main table ends; a second one (the paired comparisons) follows the legend
     assert len(lines) >= 2, text
 
     def cells(line):  # best-in-column cells are bold: compare their text

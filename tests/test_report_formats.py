@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_report import markdown_rows, result, write
 
-from cpt_bench.stats import paired_bootstrap, summarise_values
+from cpt_bench.stats import sign_flip_test, summarise_values
 
 from conftest import run_cli
 
@@ -29,10 +29,8 @@ def full_result(method: str, seed: int, final: list[float], diagonal: list[float
     return data
 
 
-@pytest.fixture
-def leaderboard(tmp_path) -> Path:
-    folder = tmp_path / "runs"
-    for seed in (0, 1, 2):
+def write_leaderboard(folder: Path, seeds: int) -> Path:
+    for seed in range(seeds):
         write(folder, f"naive{seed}.json", full_result("naive", seed, [0.2 + 0.01 * seed, 0.9], [0.8, 0.9]))
         write(folder, f"ewc{seed}.json", full_result("ewc", seed, [0.5 + 0.02 * seed, 0.85], [0.8, 0.85]))
         one = full_result("one", seed, [0.8, 0.9], [0.8, 0.9])
@@ -41,30 +39,60 @@ def leaderboard(tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture
+def leaderboard(tmp_path) -> Path:
+    """naive, ewc and one at seeds 0, 1, 2 (ewc ahead of naive on every seed)."""
+    return write_leaderboard(tmp_path / "runs", 3)
+
+
 def _ok(*args: str) -> str:
     out = run_cli("report", *args)
     assert out.exit_code == 0, out.output
     return out.output
 
 
-def test_t_interval_and_bootstrap():
+def test_t_interval():
     summary = summarise_values([1.0, 2.0, 3.0])
     assert summary.mean == 2.0 and summary.std == 1.0
     assert summary.ci_high - summary.mean == pytest.approx(4.303 / 3 ** 0.5, rel=1e-3)  # t(0.975, df=2)
     assert summarise_values([0.5]).ci_low is None  # one value: no interval
-    same_sign = paired_bootstrap([0.30, 0.32, 0.28])
-    assert same_sign.significant and same_sign.ci_low > 0
-    mixed = paired_bootstrap([0.3, -0.2, 0.1, -0.25])
-    assert not mixed.significant and mixed.ci_low < 0 < mixed.ci_high
+
+
+def test_three_pairs_of_one_sign_give_p_one_quarter_and_are_not_significant():
+    same_sign = sign_flip_test([0.30, 0.32, 0.28])
+    assert same_sign.p == 0.25 and same_sign.exact and not same_sign.significant  # 2 of the 8 sign patterns
+    assert same_sign.ci_low > 0 and same_sign.mean_difference == pytest.approx(0.3)
+
+
+def test_the_exact_p_of_a_hand_counted_case():
+    # 7 differences of +1 and one of -1: |sum| = 6; patterns reaching |sum| >= 6 are all-equal signs (2) and
+    # those with exactly one sign flipped against the rest (2 x 8): 18 of 256
+    assert sign_flip_test([1.0] * 7 + [-1.0]).p == 18 / 256
+    assert sign_flip_test([0.1] * 6).p == 2 / 64  # the fewest pairs that can reach p < 0.05
+    assert sign_flip_test([0.1] * 6).significant and not sign_flip_test([0.1] * 5).significant
+
+
+def test_zeros_and_ties():
+    assert sign_flip_test([0.0, 0.0, 0.0]).p == 1.0  # no difference at all
+    assert sign_flip_test([1.0, 0.0, 1.0]).p == 0.5  # a zero is the same under either sign: 4 of 8
+    assert sign_flip_test([1.0, 1.0, -1.0, -1.0]).p == 1.0  # differences that cancel
+    # float rounding must not drop the observed pattern itself
+    assert sign_flip_test([0.1, 0.2, 0.3 - 1e-17, -0.6]).p == 1.0
+
+
+def test_many_pairs_are_sampled_from_a_fixed_seed():
+    differences = [0.05 * (i % 3 - 0.5) for i in range(20)]
+    first, second = sign_flip_test(differences), sign_flip_test(differences)
+    assert not first.exact and first.p == second.p and 0 < first.p <= 1
+    assert sign_flip_test([0.1] * 20).p < 1e-4
 
 
 def test_paper_table_domains_best_and_significance(leaderboard):
     rows = {r["method"]: r for r in markdown_rows(_ok(str(leaderboard)))}
     assert set(rows) == {"naive", "ewc", "one"}
     assert rows["ewc"]["cats"] == "0.520 ± 0.020" and rows["naive"]["dogs"] == "0.900 ± 0.000"
-    # ewc beats naive on every matched seed: marked; naive is the reference: never marked
-    assert rows["ewc"]["final MF1"].endswith("▲") and rows["ewc"]["forgetting MF1"].endswith("▲")
-    assert "▲" not in rows["naive"]["final MF1"] and "▼" not in rows["naive"]["final MF1"]
+    # ewc beats naive on every matched seed, but 3 pairs cannot give p < 0.05: no marker
+    assert not rows["ewc"]["final MF1"].endswith(("▲", "▼"))
     # knowledge transfer against `one` of the same seed: mean_j A[T-1][j] - ONE[j][j]
     assert rows["naive"]["KT vs one"] == "-0.295 ± 0.005"  # ((0.2 + 0.01 s - 0.8) + 0) / 2
     assert rows["one"]["KT vs one"] == "—"
@@ -72,7 +100,17 @@ def test_paper_table_domains_best_and_significance(leaderboard):
     assert rows["naive"]["ppl forgetting"] == "1.00 ± 1.00"
     assert rows["one"]["ppl forgetting"] == "—"  # undefined where end-task forgetting is
     text = _ok(str(leaderboard))
-    assert re.search(r"\|\s*\*\*0\.850 ± 0\.000 ▲\*\*\s*\|", text), "best final MF1 (one) is bold"
+    assert re.search(r"\|\s*\*\*0\.850 ± 0\.000\*\*\s*\|", text), "best final MF1 (one) is bold"
+    assert "0.25" in text.split("Paired comparisons with naive", 1)[1]  # the p of every comparison is listed
+
+
+def test_six_matched_pairs_can_be_significant(tmp_path):
+    rows = {r["method"]: r for r in markdown_rows(_ok(str(write_leaderboard(tmp_path / "runs", 6))))}
+    # ewc beats naive on every one of 6 matched seeds: p = 2/64; naive is the reference: never marked
+    assert rows["ewc"]["final MF1"].endswith("▲") and rows["ewc"]["forgetting MF1"].endswith("▲")
+    assert rows["one"]["final MF1"].endswith("▲")
+    assert not rows["naive"]["final MF1"].endswith(("▲", "▼"))
+    assert not rows["ewc"]["ppl forgetting"].endswith(("▲", "▼"))  # the same perplexities as naive: p = 1
 
 
 def test_json_has_confidence_intervals_and_comparison(leaderboard):
@@ -81,7 +119,7 @@ def test_json_has_confidence_intervals_and_comparison(leaderboard):
     low, high = ewc["final MF1 ci95"]
     assert low < ewc["final MF1 mean"] < high
     comparison = ewc["final MF1 vs naive"]
-    assert comparison["pairs"] == 3 and comparison["significant"]
+    assert comparison["pairs"] == 3 and comparison["p"] == 0.25 and not comparison["significant"]
     assert comparison["mean_difference"] == pytest.approx(0.13)  # mean_s ((0.3 + 0.01 s) - 0.05) / 2
 
 

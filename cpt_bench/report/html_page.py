@@ -8,7 +8,7 @@ import datetime
 import html
 import re
 
-from cpt_bench.report.table import LEGEND, Table
+from cpt_bench.report.table import COMPARISON_HEADER, LEGEND, Table, comparison_rows
 
 _NUMBER = re.compile(r"^\s*\**(-?\d+(?:\.\d+)?)")
 
@@ -52,18 +52,33 @@ def _cell_value(text: str) -> str:
     return match.group(1) if match else text
 
 
-def render_html(table: Table, figures: list[tuple[str, dict[str, bytes]]]) -> str:
-    """The page: `table`, then each row's plots (`figures`: the row's title and its PNGs by plot name)."""
+TEXT_COLUMNS = {"method", "config", "suite", "order", "seeds", "model", "column", "95% CI"}
+
+
+def _sortable_table(table_id: str, header: list[str], rows: list[list[str]], bold: list[list[bool]]) -> str:
     esc = html.escape
-    text_columns = {"method", "config", "suite", "order", "seeds", "model"}
-    head = "".join(f'<th class="{"text" if h in text_columns else ""}">{esc(h)}</th>' for h in table.header)
+    head = "".join(f'<th class="{"text" if h in TEXT_COLUMNS else ""}">{esc(h)}</th>' for h in header)
     body = []
-    for cells, flags in zip(table.rows, table.bold):
+    for cells, flags in zip(rows, bold):
         tds = []
-        for header, cell, flag in zip(table.header, cells, flags):
-            classes = " ".join(c for c in ("text" if header in text_columns else "", "best" if flag else "") if c)
+        for column, cell, flag in zip(header, cells, flags):
+            classes = " ".join(c for c in ("text" if column in TEXT_COLUMNS else "", "best" if flag else "") if c)
             tds.append(f'<td class="{classes}" data-value="{esc(_cell_value(cell))}">{esc(cell)}</td>')
         body.append(f"<tr>{''.join(tds)}</tr>")
+    return (f'<table class="sortable" id="{table_id}">\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
+            f"{chr(10).join(body)}\n</tbody>\n</table>")
+
+
+def render_html(table: Table, figures: list[tuple[str, dict[str, bytes]]]) -> str:
+    """The page: `table`, the paired comparisons with naive, then each row's plots (`figures`: the row's title
+    and its PNGs by plot name)."""
+    esc = html.escape
+    leaderboard = _sortable_table("leaderboard", table.header, table.rows, table.bold)
+    comparisons = comparison_rows(table.groups)
+    comparison_section = "" if not comparisons else (
+        "<h2>Paired comparisons with naive</h2>\n<p>Sign-flip permutation test over runs matched by order and seed."
+        "</p>\n" + _sortable_table("comparisons", COMPARISON_HEADER, comparisons,
+                                    [[False] * len(COMPARISON_HEADER)] * len(comparisons)))
     sections = []
     for title, pngs in figures:
         images = "".join(
@@ -87,13 +102,9 @@ def render_html(table: Table, figures: list[tuple[str, dict[str, bytes]]]) -> st
 <h1>cpt-bench leaderboard</h1>
 <p>Suites: {esc(suites)}. {len(groups)} rows from {sum(len(g.runs) for g in groups)} result files;
 generated {generated}. Click a column header to sort.</p>
-<table class="sortable" id="leaderboard">
-<thead><tr>{head}</tr></thead>
-<tbody>
-{chr(10).join(body)}
-</tbody>
-</table>
+{leaderboard}
 <p class="legend">{esc(LEGEND)}</p>
+{comparison_section}
 <h2>Plots</h2>
 {chr(10).join(sections)}
 <script>{_SCRIPT}</script>

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pandas as pd
 
-from cpt_bench.report.table import LEGEND, Table
+from cpt_bench.report.table import COMPARISON_HEADER, LEGEND, Table, comparison_rows
 
 
 def render_markdown(table: Table) -> str:
     rows = [[f"**{cell}**" if flag else cell for cell, flag in zip(cells, flags)]
             for cells, flags in zip(table.rows, table.bold)]
-    frame = pd.DataFrame(rows, columns=table.header)
-    text = frame.to_markdown(index=False, disable_numparse=True)  # keep "0.500": cells are text
-    return text + "\n\n" + LEGEND
+    text = _markdown(table.header, rows) + "\n\n" + LEGEND
+    comparisons = comparison_rows(table.groups)
+    if comparisons:
+        text += "\n\nPaired comparisons with naive (sign-flip test over matched order and seed):\n\n" + \
+            _markdown(COMPARISON_HEADER, comparisons)
+    return text
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    # disable_numparse: keep "0.500" as written, cells are text
+    return pd.DataFrame(rows, columns=header).to_markdown(index=False, disable_numparse=True)
