@@ -228,6 +228,35 @@ def bench(
 
 @app.command()
 @exits_2_on_bad_input
+def audit(
+    suite: Annotated[str | None, typer.Option(help="registered suite name or suite YAML path")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="root folder of the suite's data files")] = None,
+    order: Annotated[str | None, typer.Option(help="the domains to audit (comma-separated; default: all)")] = None,
+    limit: Annotated[int | None, typer.Option(help="cap every split and corpus at N examples")] = None,
+    output: Annotated[str | None, typer.Option(help="also write the table (markdown) to this file")] = None,
+) -> None:
+    """Contamination audit: for every (DAP corpus, end-task split) pair, the texts that share a 13-gram with the
+    corpus and the exact duplicates."""
+    from cpt_bench.atomic import write_text_atomic
+    from cpt_bench.audit import table, warnings
+    from cpt_bench.plan import RunRequest, plan_data
+    from cpt_bench.suite import DEFAULT_SUITE
+
+    _quiet_libraries()
+    request = RunRequest(method="naive", suite=suite or DEFAULT_SUITE, data_dir=data_dir, limit=limit,
+                         order=[d.strip() for d in order.split(",")] if order is not None else None)
+    rows = plan_data(request).data.audit
+    text = table(rows)
+    typer.echo(text)
+    for line in warnings(rows):
+        typer.echo(line, err=True)
+    if output:
+        write_text_atomic(Path(output), text + "\n")
+        typer.echo(f"wrote {output}")
+
+
+@app.command()
+@exits_2_on_bad_input
 def importance(
     result: Annotated[str, typer.Argument(help="result file of a soft-masking run")],
     output: Annotated[str | None, typer.Option(help="PNG path (default: <result stem>.importance.png)")] = None,

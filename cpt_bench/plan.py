@@ -7,18 +7,20 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cpt_bench.audit import NGRAM, audit, decontaminate, warnings
 from cpt_bench.batches import mlm_blocks
 from cpt_bench.data import read_corpus, read_end_task
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import check_end_task
 from cpt_bench.models import load_masked_lm
 from cpt_bench.plugin import Method, method_class
-from cpt_bench.settings import override, parse_set_options
+from cpt_bench.settings import DataSettings, override, parse_set_options
 from cpt_bench.suite import Suite, load_suite
 from cpt_bench.synthetic import materialise
 
@@ -59,6 +61,7 @@ class RunPlan:
     finetune: Any
     data_dir: Path | None
     model_name: str
+    data_settings: DataSettings = dataclasses.field(default_factory=DataSettings)
     data: LoadedData | None = None  # every corpus and end task, read and validated
     original_model: Any = None  # the LM as loaded (each seed trains a copy)
     tokenizer: Any = None
@@ -67,8 +70,38 @@ class RunPlan:
 
 def plan_run(request: RunRequest) -> RunPlan:
     """Check every option before any work: unknown names, bad orders, bad settings are BadInput."""
+    plan = plan_data(request)
+    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name, request.trust_remote_code)
+    plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
+    plan.data.tokenizer = plan.tokenizer
+    for task in plan.data.tasks + plan.data.probes:
+        check_end_task(plan.tokenizer, plan.finetune, task)
+    for corpus in plan.data.heldout:  # tokenised now: a held-out text too short for one block fails early
+        plan.data.heldout_blocks(corpus, plan.dap.seq_len, plan.suite.perplexity.blocks)
+    for line in warnings(plan.data.audit):
+        print(line, file=sys.stderr, flush=True)
+    return plan
+
+
+def plan_data(request: RunRequest) -> RunPlan:
+    """The plan without its model: options and settings checked, every corpus and end task read (data problems
+    surface before the possibly slow model load)."""
     suite = load_suite(request.suite)
     method_cls = method_class(request.method)
+    check_request(request)
+    domains = suite.resolve_order(request.order)  # names, or row K of a named order ("paper:K")
+    plan = RunPlan(request, suite, list(domains), method_cls, method_cls.Settings(), suite.dap, suite.finetune,
+                   resolve_data_dir(suite, request.data_dir), request.model or suite.model)
+    if request.steps is not None:
+        plan.dap = override(plan.dap, "steps", str(request.steps), "dap")
+    finetune_keys_from_cli = apply_set_options(plan, request.sets)
+    plan.data = LoadedData(plan)
+    for task in plan.data.tasks + plan.data.probes:  # the command line beats a task's own settings in the suite
+        task.finetune_overrides = {k: v for k, v in task.finetune_overrides.items() if k not in finetune_keys_from_cli}
+    return plan
+
+
+def check_request(request: RunRequest) -> None:
     if request.eval not in ("full", "final"):
         raise BadInput(f"--eval must be 'full' or 'final', got {request.eval!r}")
     if request.device not in ("auto", "cpu", "cuda"):
@@ -79,39 +112,28 @@ def plan_run(request: RunRequest) -> RunPlan:
         raise BadInput(f"--limit must be positive, got {request.limit}")
     if not request.seeds:
         raise BadInput("no --seed given")
-    domains = suite.resolve_order(request.order)  # names, or row K of a named order ("paper:K")
 
-    dap, finetune = suite.dap, suite.finetune
-    if request.steps is not None:
-        dap = override(dap, "steps", str(request.steps), "dap")
-    method_settings = method_cls.Settings()
-    method_blocks = {method_cls.name, *method_cls.aliases, "method"}
-    finetune_keys_from_cli: set[str] = set()
-    for block, values in parse_set_options(request.sets).items():
+
+def apply_set_options(plan: RunPlan, options: list[str]) -> set[str]:
+    """`--set BLOCK.KEY=VALUE` into the plan's settings blocks (dap, finetune, data, the method's); returns the
+    fine-tuning keys set, which beat an end task's own settings."""
+    method_blocks = {plan.method_cls.name, *plan.method_cls.aliases, "method"}
+    finetune_keys: set[str] = set()
+    for block, values in parse_set_options(options).items():
         for key, value in values.items():
             if block == "dap":
-                dap = override(dap, key, value, "dap")
+                plan.dap = override(plan.dap, key, value, "dap")
             elif block == "finetune":
-                finetune = override(finetune, key, value, "finetune")
-                finetune_keys_from_cli.add(key)
+                plan.finetune = override(plan.finetune, key, value, "finetune")
+                finetune_keys.add(key)
+            elif block == "data":
+                plan.data_settings = override(plan.data_settings, key, value, "data")
             elif block in method_blocks:
-                method_settings = override(method_settings, key, value, method_cls.name)
+                plan.method_settings = override(plan.method_settings, key, value, plan.method_cls.name)
             else:
                 raise BadInput(f"--set {block}.{key}: unknown settings block {block!r} "
-                               f"(known: dap, finetune, {method_cls.name})")
-    plan = RunPlan(request, suite, list(domains), method_cls, method_settings, dap, finetune,
-                   resolve_data_dir(suite, request.data_dir), request.model or suite.model)
-    plan.data = LoadedData(plan)  # data problems surface before the (possibly slow) model load
-    for task in plan.data.tasks + plan.data.probes:  # the command line beats a task's own settings in the suite
-        task.finetune_overrides = {k: v for k, v in task.finetune_overrides.items() if k not in finetune_keys_from_cli}
-    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name, request.trust_remote_code)
-    plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
-    plan.data.tokenizer = plan.tokenizer
-    for task in plan.data.tasks + plan.data.probes:
-        check_end_task(plan.tokenizer, plan.finetune, task)
-    for corpus in plan.data.heldout:  # tokenised now: a held-out text too short for one block fails early
-        plan.data.heldout_blocks(corpus, dap.seq_len, suite.perplexity.blocks)
-    return plan
+                               f"(known: dap, finetune, data, {plan.method_cls.name})")
+    return finetune_keys
 
 
 def resolve_data_dir(suite: Suite, data_dir: str | None) -> Path | None:
@@ -152,8 +174,29 @@ class LoadedData:
         if suite.perplexity.blocks:
             for name, source in suite.heldout_corpora.items():
                 self.heldout[name] = read_corpus(source, "text", plan.data_dir, limit)
+        self.audit = audit({name: texts for name, (texts, _) in self.corpora.items()}, self.end_task_splits())
+        self.decontaminated: dict[str, int] = {}  # corpus -> texts dropped (data.decontaminate)
+        if plan.data_settings.decontaminate:
+            tests = [text for task in self.tasks + self.probes for text in task.test.texts]
+            for name, (texts, where) in self.corpora.items():
+                kept, self.decontaminated[name] = decontaminate(texts, tests)
+                if not kept:
+                    raise BadInput(f"data.decontaminate: every text of the corpus {where} overlaps a test text")
+                self.corpora[name] = (kept, where)
         self.tokenizer = None  # set once the model is loaded
         self._blocks: dict[str, Any] = {}
+
+    def end_task_splits(self) -> dict[tuple[str, str], list[str]]:
+        """Every split's texts of the end tasks and probes, by (task, split)."""
+        return {(task.name, split): getattr(task, split).texts for task in self.tasks + self.probes
+                for split in ("train", "dev", "test") if getattr(task, split) is not None}
+
+    def contamination(self) -> dict[str, Any]:
+        """The audit for the result's provenance (and what decontamination dropped)."""
+        summary: dict[str, Any] = {"ngram": NGRAM, "overlap": [dataclasses.asdict(r) for r in self.audit]}
+        if self.decontaminated:
+            summary["decontaminated"] = dict(self.decontaminated)
+        return summary
 
     def blocks(self, corpus: str, seq_len: int):
         if corpus not in self._blocks:

@@ -12,7 +12,7 @@ from typing import Any
 
 from cpt_bench.atomic import write_safetensors_atomic
 from cpt_bench.plugin import METHODS, load_plugins
-from cpt_bench.settings import DapSettings, FinetuneSettings, value_when_absent
+from cpt_bench.settings import DapSettings, DataSettings, FinetuneSettings, value_when_absent
 
 SCHEMA = "cpt-bench/run/v1"
 
@@ -92,6 +92,7 @@ def configuration_settings(result: dict[str, Any]) -> dict[str, Any]:
     for block, cls in (("dap", DapSettings), ("finetune", FinetuneSettings)):
         if isinstance(settings.get(block), dict):
             settings[block] = _with_absent_settings(cls, settings[block])
+    settings["data"] = _with_absent_settings(DataSettings, settings.get("data") or {})  # a block added later
     return settings
 
 

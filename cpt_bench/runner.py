@@ -28,7 +28,7 @@ from cpt_bench.perplexity import masked_lm_perplexity
 from cpt_bench.plan import LoadedData, RunPlan, result_path
 from cpt_bench.results import RunIdentity, RunProgress, build_result, command_line, git_commit, versions
 from cpt_bench.rng import derive_seed, rng_state, rng_state_as_json, set_rng_state
-from cpt_bench.settings import as_dict
+from cpt_bench.settings import DataSettings, as_dict
 from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.trainer import Checkpointing, DapTrainer
 
@@ -87,10 +87,14 @@ class SeedRun:
     def configuration(self) -> dict[str, Any]:
         """Everything that makes two runs the same run (hashed into the result file's name)."""
         plan = self.plan
-        return {"method": self.method.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
-                "suite_fingerprint": plan.suite.fingerprint(), "domains": plan.domains, "seed": self.seed,
-                "model": plan.model_name, "dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
-                "eval": plan.request.eval, "limit": plan.request.limit, "data": plan.data.fingerprint}
+        configuration = {
+            "method": self.method.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
+            "suite_fingerprint": plan.suite.fingerprint(), "domains": plan.domains, "seed": self.seed,
+            "model": plan.model_name, "dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
+            "eval": plan.request.eval, "limit": plan.request.limit, "data": plan.data.fingerprint}
+        if plan.data_settings != DataSettings():  # only when set: earlier runs keep their file names
+            configuration["data_settings"] = as_dict(plan.data_settings)
+        return configuration
 
     # ---- prepare, start or resume
     def prepare(self) -> dict[str, Any] | None:
@@ -223,8 +227,8 @@ class SeedRun:
             "wall_seconds": round(self.wall_seconds(), 3),
             "overhead": method.overhead(self.model),
             "method_summary": method.summary(),
-            "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune), "eval": plan.request.eval,
-                         "limit": plan.request.limit,
+            "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
+                         "data": as_dict(plan.data_settings), "eval": plan.request.eval, "limit": plan.request.limit,
                          "end_tasks": {t.name: {"evaluator": EVALUATOR_NAMES[t.evaluator],
                                                 "finetune_overrides": t.finetune_overrides}
                                        for t in plan.data.tasks + plan.data.probes}},
@@ -233,7 +237,7 @@ class SeedRun:
         provenance = {"git_commit": self.progress.git_commit, "versions": versions(),
                       "started": self.started.isoformat(), "finished": finished.isoformat(),
                       "device": describe_device(self.accelerator), "command": command_line(),
-                      "config_hash": self.path.stem.rsplit("__", 1)[-1]}
+                      "config_hash": self.path.stem.rsplit("__", 1)[-1], "contamination": plan.data.contamination()}
         if git_commit() != self.progress.git_commit:  # the tree changed while the run ran, or between crash and resume
             provenance["git_commit_at_finish"] = git_commit()
         return build_result(identity, self.progress, {t.name: self.base_scores[t.name] for t in plan.data.tasks},

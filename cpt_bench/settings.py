@@ -73,6 +73,15 @@ class FinetuneSettings(Validated):
             raise BadInput(f"{where}.lr: must be positive, got {self.lr}")
 
 
+@dataclasses.dataclass
+class DataSettings(Validated):
+    """What a run does to its data before training."""
+
+    # drop every DAP corpus text that shares a 13-gram with a test text of the run's end tasks and probes
+    # (cpt_bench/audit.py); the number dropped per corpus is recorded in the result's provenance
+    decontaminate: bool = False
+
+
 def value_when_absent(field: dataclasses.Field) -> Any:
     """What a result file written before `field` existed ran with: its `absent_means` metadata where a later
     version changed the behaviour when it added the setting, else its default."""
