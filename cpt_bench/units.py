@@ -133,15 +133,66 @@ class UnitMap:
         return values.view(shape).to(parameter.dtype)
 
 
-def normalise(importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per layer and unit kind: standardise, then |tanh| (Sec. 3.1); a constant layer becomes all zeros."""
+NORMALISATIONS = ("tanh_abs", "tanh_pos", "budget")
+BUDGET_SLOPE = 4.0  # `budget`: the sigmoid's slope per standard deviation of the layer's importances
+
+
+def normalise(importance: dict[str, torch.Tensor], how: str = "tanh_abs", budget: float = 0.2
+              ) -> dict[str, torch.Tensor]:
+    """Per layer and unit kind, raw importance z-standardised and mapped into [0, 1]; a constant layer becomes
+    all zeros. `tanh_abs`: |tanh(z)| (the paper, Sec. 3.1; a unit far *below* its layer's mean counts as
+    important too); `tanh_pos`: tanh(max(z, 0)) (one-sided); `budget`: sigmoid(4 (z - z_q)) around a threshold z_q
+    between the layer's k-th and (k+1)-th largest z, k = round(budget x units), so that a fraction `budget` of
+    each layer's units is above 0.5 however skewed the importances are (|tanh| leaves most units above 0.5
+    after a few stages of accumulation)."""
+    if how not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {how!r} (known: {', '.join(NORMALISATIONS)})")
     out = {}
     for kind, values in importance.items():
         mean = values.mean(dim=-1, keepdim=True)
         std = values.std(dim=-1, keepdim=True)
         standardised = torch.where(std > 0, (values - mean) / std.clamp_min(1e-12), torch.zeros_like(values))
-        out[kind] = torch.tanh(standardised).abs()
+        if how == "tanh_abs":
+            out[kind] = torch.tanh(standardised).abs()
+        elif how == "tanh_pos":
+            out[kind] = torch.tanh(standardised.clamp_min(0.0))
+        else:
+            sigmoid = torch.sigmoid(BUDGET_SLOPE * (standardised - _budget_threshold(standardised, budget)))
+            out[kind] = torch.where(std > 0, sigmoid, torch.zeros_like(sigmoid))
     return out
+
+
+def _budget_threshold(standardised: torch.Tensor, budget: float) -> torch.Tensor:
+    """Per layer, midway between the k-th and the (k+1)-th largest value, k = round(budget x units): exactly k
+    units lie above it (ties aside)."""
+    units = standardised.shape[-1]
+    k = round(budget * units)
+    ordered = standardised.sort(dim=-1).values
+    if k >= units:
+        return ordered[..., :1] - 1.0
+    if k == 0:
+        return ordered[..., -1:] + 1.0
+    return (ordered[..., units - k - 1: units - k] + ordered[..., units - k: units - k + 1]) / 2
+
+
+CONTROLS = ("none", "uniform", "inverted")
+
+
+def controlled(importance: torch.Tensor, control: str) -> torch.Tensor:
+    """A control of what soft-masking does with one layer's importances [units]: `none` keeps them; `uniform`
+    gives every unit the layer's mean (the same masking amount, no unit singled out: is the mask only a smaller
+    learning rate?); `inverted` reverses their order within the layer (the least important unit gets the
+    largest value: the same values, the wrong units)."""
+    if control == "none":
+        return importance
+    if control == "uniform":
+        return importance.mean().expand_as(importance)
+    if control == "inverted":
+        order = importance.argsort()
+        inverted = torch.empty_like(importance)
+        inverted[order] = importance[order].flip(0)
+        return inverted
+    raise ValueError(f"unknown control {control!r} (known: {', '.join(CONTROLS)})")
 
 
 def accumulate(previous: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

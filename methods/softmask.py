@@ -23,7 +23,7 @@ from cpt_bench.errors import BadInput
 from cpt_bench.models import encoder, mlm_loss
 from cpt_bench.plugin import Method, MethodSettings, register
 from cpt_bench.stage import SequenceState
-from cpt_bench.units import UNIT_KINDS, UnitMap, accumulate, normalise
+from cpt_bench.units import UNIT_KINDS, UnitMap, accumulate, controlled, normalise
 
 
 @dataclasses.dataclass
@@ -44,11 +44,19 @@ class SoftMaskSettings(MethodSettings):
     random_importance: bool = False  # ablation: importances shuffled within each layer (same distribution)
     importance_batches: int = 8  # batches of a domain's blocks used to compute an importance
     other_parameters: Literal["train", "freeze"] = "train"  # embeddings, LayerNorms, LM head (paper: train)
+    # how raw importance becomes [0, 1] (cpt_bench/units.py: normalise): the paper's |tanh|, or the controls
+    normalise: Literal["tanh_abs", "tanh_pos", "budget"] = "tanh_abs"
+    budget: float = 0.2  # normalise=budget: the fraction of each layer's units above 0.5, per stage
+    # a control of the mask (cpt_bench/units.py: controlled): none, uniform (each layer's mean), inverted order;
+    # it changes what scales the updates, not the contrastive loss's gated view
+    control: Literal["none", "uniform", "inverted"] = "none"
 
     def check(self, where: str) -> None:
         if self.importance_batches <= 0 or self.temperature <= 0 or self.contrastive_weight < 0:
             raise BadInput(f"{where}: importance_batches and temperature must be positive, "
                            "contrastive_weight non-negative")
+        if not 0.0 < self.budget <= 1.0:
+            raise BadInput(f"{where}.budget: must be in (0, 1], got {self.budget}")
 
 
 def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -101,7 +109,7 @@ class SoftMask(Method):
         self._scales = []
         if s.soft_mask and self.accumulated is not None:
             for parameter, kind, layer, axis in self.units.unit_parameters():
-                keep = 1.0 - self.accumulated[kind][layer].to(parameter.device)
+                keep = 1.0 - controlled(self.accumulated[kind][layer], s.control).to(parameter.device)
                 self._scales.append((parameter, self.units.parameter_scale(keep, kind, parameter, axis)))
 
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -186,7 +194,7 @@ class SoftMask(Method):
         return F.kl_div(F.log_softmax(first.float(), -1), F.softmax(second.float(), -1), reduction="batchmean")
 
     def _record(self, name: str, raw: dict[str, torch.Tensor]) -> None:
-        normalised = normalise(raw)
+        normalised = normalise(raw, self.settings.normalise, self.settings.budget)
         if self.settings.random_importance:
             generator = torch.Generator().manual_seed(self._seed * 104729 + len(self.history))
             normalised = {k: torch.stack([row[torch.randperm(len(row), generator=generator)].to(row.device)

@@ -96,16 +96,21 @@ def test_accumulation_is_elementwise_max():
     assert torch.equal(accumulate(None, a)["head"], a["head"])
 
 
-def _displacement(tiny, steps: int, method=None) -> torch.Tensor:
-    """Distance each intermediate neuron's row moves under AdamW in `steps` steps (same data every time)."""
+def _displacement(tiny, steps: int, method=None, layer_importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance each intermediate neuron's row moves under AdamW in `steps` steps (same data every time); the
+    method's accumulated importance of layer 0's intermediate neurons is `layer_importance` (default: unit 0 at
+    1, unit 1 at 0.9, the rest 0)."""
     model = copy.deepcopy(tiny.model).train()
     torch.manual_seed(0)
     stage = dataclasses.replace(tiny.stage, model=model, objective=MaskedLMObjective(model))
     if method is not None:
         method.before_sequence(SequenceState(model, None, None, ["cats"], 0))
         importance = method.units.zeros()
-        importance["intermediate"][0, 0] = 1.0
-        importance["intermediate"][0, 1] = 0.9
+        if layer_importance is None:
+            importance["intermediate"][0, 0] = 1.0
+            importance["intermediate"][0, 1] = 0.9
+        else:
+            importance["intermediate"][0] = layer_importance
         method.accumulated = importance
         method.before_first_step(stage)
     weight = method.units.layers[0].intermediate_dense.weight if method else \
@@ -134,6 +139,56 @@ def test_update_mask_controls_the_parameter_change_under_adamw(tiny):
     assert several[0] == 0.0
     ratio = several[1] / _displacement(tiny, 5)[1]
     assert 0.05 < ratio < 0.2
+
+
+def test_uniform_control_moves_every_unit_of_a_layer_by_the_same_fraction(tiny):
+    plain = _displacement(tiny, 1)
+    uniform = _displacement(tiny, 1, _softmask(tiny.model, contrastive=False, control="uniform"))
+    keep = 1.0 - 1.9 / len(plain)  # 1 - the layer's mean importance (units at 1, 0.9 and 0)
+    assert torch.allclose(uniform / plain, torch.full_like(plain, keep), rtol=1e-4)
+
+
+def test_inverted_control_protects_the_least_important_units_most(tiny):
+    ranks = torch.linspace(0.0, 1.0, tiny.model.config.intermediate_size)  # unit k more important than k - 1
+    plain = _displacement(tiny, 1)
+    real = _displacement(tiny, 1, _softmask(tiny.model, contrastive=False), ranks)
+    inverted = _displacement(tiny, 1, _softmask(tiny.model, contrastive=False, control="inverted"), ranks)
+    assert torch.allclose(real / plain, 1.0 - ranks, atol=1e-4)
+    assert torch.allclose(inverted / plain, ranks, atol=1e-4)  # the order reversed: the last unit moves freely
+    assert inverted[0] == 0.0 and real[-1] == 0.0
+
+
+def test_budget_puts_that_fraction_of_every_layer_above_one_half():
+    torch.manual_seed(0)
+    raw = {"head": torch.rand(4, 12), "intermediate": torch.rand(3, 512) ** 4, "output": torch.rand(3, 37) * 100}
+    for budget in (0.1, 0.2, 0.3, 1.0):
+        for kind, values in normalise(raw, "budget", budget).items():
+            units = values.shape[1]
+            above = (values > 0.5).sum(dim=1)
+            assert ((above - budget * units).abs() <= 1).all(), (kind, budget, above.tolist())
+            assert ((values >= 0) & (values <= 1)).all()
+    assert torch.equal(normalise({"head": torch.ones(2, 8)}, "budget", 0.2)["head"], torch.zeros(2, 8))
+
+
+def test_tanh_pos_gives_zero_below_the_layers_mean_and_tanh_abs_above_it():
+    values = torch.tensor([[1.0, 2.0, 3.0, 10.0, 0.5]])
+    one_sided = normalise({"head": values}, "tanh_pos")["head"]
+    two_sided = normalise({"head": values})["head"]
+    below = values < values.mean()
+    assert (one_sided[below] == 0).all() and (two_sided[below] > 0).all()
+    assert torch.equal(one_sided[~below], two_sided[~below])
+
+
+@pytest.mark.parametrize("setting, fragment", [("softmask.budget=0", "budget"), ("softmask.budget=1.5", "budget"),
+                                               ("softmask.normalise=softmax", "normalise"),
+                                               ("softmask.control=shuffled", "control")])
+def test_bad_importance_settings_are_one_line_errors(setting, fragment, tiny_suite, tmp_path):
+    from conftest import assert_one_line_error
+
+    result = run_cli("run", "--method", "softmask", "--suite", str(tiny_suite), "--output", str(tmp_path),
+                     "--set", setting)
+    assert_one_line_error(result, fragment)
+    assert not list(tmp_path.glob("*.json"))
 
 
 def test_gradient_mask_is_cancelled_by_adam(tiny):
