@@ -3,11 +3,17 @@
 Importance of every attention head and FFN neuron is the gradient magnitude of a loss w.r.t. a virtual gate
 on the unit: for the original model's general knowledge through a proxy (KL between two dropout passes of
 the same input), for each learned domain through its MLM loss; normalised per layer, accumulated by max
-(Sec. 3.1). Updates of a unit are scaled by (1 - its accumulated importance) (Sec. 3.2). A contrastive loss
+(Sec. 3.1). A unit's training is scaled by (1 - its accumulated importance) (Sec. 3.2). A contrastive loss
 contrasts the full network's representation with the importance-gated network's (previous knowledge) so the
-two are integrated (Sec. 3.3). Where the public code is wrong we follow the paper: the proxy runs in train
-mode (two passes differ), domain importance uses masked inputs, positives are two views of the same text,
-and by default the mask scales the optimizer's update (under AdamW a constant gradient scale cancels).
+two are integrated (Sec. 3.3). Where the public code departs from the paper we follow the paper: the proxy
+runs in train mode (two passes differ), domain importance uses masked inputs, positives are two views of the
+same text.
+
+One departure is ours, not the paper's: the paper's Sec. 3.2 scales the *gradients* by (1 - importance), and
+under AdamW a constant gradient scale cancels (Adam divides by the gradient's running magnitude), so a unit of
+importance 0.9 still moves more than half its unmasked step. By default this implementation applies the
+soft-mask to the optimizer's *update* instead (importance 1: the unit does not move); `target=gradient` is
+the paper's Sec. 3.2 as written.
 """
 
 from __future__ import annotations
@@ -25,10 +31,20 @@ from cpt_bench.plugin import Method, MethodSettings, register
 from cpt_bench.stage import SequenceState
 from cpt_bench.units import UNIT_KINDS, UnitMap, accumulate, controlled, normalise
 
+FORMULATION = {
+    "update": "DAS with the soft-mask applied to the optimizer update, because a constant gradient scale cancels "
+              "in AdamW (this implementation's correction; the paper's Sec. 3.2 scales gradients: "
+              "softmask.target=gradient)",
+    "gradient": "DAS with the soft-mask applied to the gradients, the paper's Sec. 3.2 as written (under AdamW "
+                "a constant gradient scale cancels; softmask.target=update masks the update instead)",
+}
+
 
 @dataclasses.dataclass
 class SoftMaskSettings(MethodSettings):
-    target: Literal["update", "gradient"] = "update"  # what the mask scales; "gradient" = the public code
+    # what the mask scales: "update" (this implementation's correction, see the module docstring) or "gradient"
+    # (the paper's Sec. 3.2 as written, and the public code)
+    target: Literal["update", "gradient"] = "update"
     soft_mask: bool = True  # False: contrastive loss only (ablation)
     contrastive: bool = True  # False: no contrastive loss (ablation)
     contrastive_weight: float = 1.0  # lambda in L = MLM + lambda * contrastive
@@ -83,7 +99,8 @@ def unmasked_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class SoftMask(Method):
     name = "softmask"
     aliases = ("das",)
-    description = "DAS soft-masking: unit importance, soft-masked updates, contrastive integration (Ke et al. 2023)"
+    description = ("DAS (Ke et al. 2023) with the soft-mask on the optimizer update, because a constant gradient "
+                   "scale cancels in AdamW (softmask.target=gradient: the paper's Sec. 3.2)")
     Settings = SoftMaskSettings
 
     def __init__(self, settings: SoftMaskSettings | None = None):
@@ -257,6 +274,9 @@ class SoftMask(Method):
         return {"extra_parameters": 0, "extra_optimizer_state": 0, "buffers": importances + masking}
 
     # ---- results and checkpoints
+    def summary(self) -> dict[str, Any]:
+        return {"formulation": FORMULATION[self.settings.target]}
+
     def artifacts(self) -> dict[str, dict[str, torch.Tensor]]:
         tensors = {}
         for index, (name, normalised, accumulated) in enumerate(self.history):

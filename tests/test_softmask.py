@@ -292,6 +292,10 @@ def test_softmask_run_saves_importances_that_round_trip(tiny_suite, tmp_path):
     result_file = next(p for p in out.glob("*.json"))
     data = json.loads(result_file.read_text())
     assert data["method_config"]["target"] == "update"
+    # the result says plainly that the update masking is this implementation's, not the paper's Sec. 3.2
+    assert data["method_summary"]["formulation"].startswith("DAS with the soft-mask applied to the optimizer "
+                                                            "update, because a constant gradient scale cancels")
+    assert "softmask.target=gradient" in data["method_summary"]["formulation"]
     tensors = load_file(Path(out) / data["artifacts"]["importance"])
     stages = sorted({name.split("/")[0] for name in tensors})
     assert stages == ["00:general", "01:cats", "02:dogs"]
