@@ -128,8 +128,18 @@ def command_line() -> str:
 
 def load_result(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        return checked_result(json.load(handle))
+
+
+def is_result(data: Any) -> bool:
+    """Whether parsed JSON says it is a result file (its `schema`); whether it is a sound one, `checked_result`
+    decides."""
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
+
+
+def checked_result(data: Any) -> dict[str, Any]:
+    """`data` if it is a result file with the keys a report needs; ValueError naming the problem otherwise."""
+    if not is_result(data):
         raise ValueError(f"not a {SCHEMA} result file")
     for key, kind in REQUIRED_KEYS.items():
         if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):

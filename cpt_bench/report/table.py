@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from cpt_bench.errors import BadInput
-from cpt_bench.results import SCHEMA, configuration_settings, final_scores, load_result, method_configuration
+from cpt_bench.results import (
+    SCHEMA,
+    checked_result,
+    configuration_settings,
+    final_scores,
+    is_result,
+    method_configuration,
+)
 from cpt_bench.stats import SIGNIFICANCE_LEVEL, PairedComparison, Summary, sign_flip_test, summarise_values
 
 REFERENCE_METHOD = "naive"  # significance markers compare every method with naive continual DAP
@@ -23,46 +30,44 @@ REFERENCE_METHOD = "naive"  # significance markers compare every method with nai
 # ---------------------------------------------------------------- reading
 
 
-def find_result_files(paths: list[str]) -> list[Path]:
-    """The result files among `paths`: a file is taken as given; a folder is searched for `*.json` files that
-    are result files (anything else there, e.g. a report written into it, is skipped and named on stderr)."""
-    files: list[Path] = []
-    skipped: list[Path] = []
+def candidate_files(paths: list[str]) -> list[tuple[Path, bool]]:
+    """Every file a report reads, and whether it was named on the command line (it must then be a result file)
+    or found in a folder (its `*.json` files; hidden ones, temp files and `.work` checkpoints, are passed over)."""
+    files: list[tuple[Path, bool]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            # hidden names are skipped: temp files and the `.work` folders of unfinished runs (checkpoints)
-            found = sorted(p for p in path.rglob("*.json")
-                           if not any(part.startswith(".") for part in p.relative_to(path).parts))
-            files.extend(p for p in found if is_result_file(p))
-            skipped.extend(p for p in found if not is_result_file(p))
+            files.extend((p, False) for p in sorted(path.rglob("*.json"))
+                         if not any(part.startswith(".") for part in p.relative_to(path).parts))
         elif path.is_file():
-            files.append(path)
+            files.append((path, True))
         else:
             raise BadInput(f"no such result file or folder: {raw}")
-    if skipped:
-        print(f"skipped {len(skipped)} file(s) that are not {SCHEMA} result files: "
-              f"{', '.join(str(p) for p in skipped)}", file=sys.stderr)
     return files
 
 
-def is_result_file(path: Path) -> bool:
-    """Whether a JSON file says it is a result file (its `schema`); whether it is a sound one, `load_result`
-    decides."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("schema") == SCHEMA
-
-
 def load_results(paths: list[str]) -> list[dict[str, Any]]:
-    results = []
-    for file in find_result_files(paths):
+    """The result files among `paths`, each read once. A file found in a folder that is not a result file (a
+    report written into it, say) is skipped and named on stderr; a broken result file is an error."""
+    results, skipped = [], []
+    for file, named in candidate_files(paths):
         try:
-            results.append(load_result(file))
-        except (ValueError, UnicodeDecodeError) as error:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            if not named:
+                skipped.append(file)
+                continue
             raise BadInput(f"{file}: not a readable result file ({str(error).splitlines()[0][:120]})") from None
+        if not named and not is_result(data):
+            skipped.append(file)
+            continue
+        try:
+            results.append(checked_result(data))
+        except ValueError as error:
+            raise BadInput(f"{file}: not a readable result file ({str(error).splitlines()[0][:120]})") from None
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not {SCHEMA} result files: "
+              f"{', '.join(str(p) for p in skipped)}", file=sys.stderr)
     if not results:
         raise BadInput(f"no result files found in {', '.join(paths)}")
     return results
