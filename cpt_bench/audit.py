@@ -10,7 +10,12 @@ no 13-gram: only an exact duplicate can flag it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterable, Iterator
+
+from cpt_bench.atomic import write_json_atomic
+from cpt_bench.cache import cache_dir
 
 NGRAM = 13
 WARN_ABOVE = 0.01  # a run warns when more than this fraction of a test split overlaps a corpus
@@ -63,6 +68,21 @@ class EndTaskIndex:
             if found:
                 shared |= found
         return shared, self.texts.get(" ".join(tokens(corpus_text)), set())
+
+
+def cached_audit(corpora: dict[str, list[str]], splits: dict[tuple[str, str], list[str]]) -> list[SplitOverlap]:
+    """`audit`, kept in the cache per content of the corpora and splits: every run records it, and on
+    paper-sized corpora it takes minutes."""
+    content = json.dumps([NGRAM, sorted(corpora.items()), sorted([list(k), v] for k, v in splits.items())])
+    path = cache_dir() / "audit" / f"{hashlib.sha256(content.encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        try:
+            return [SplitOverlap(**row) for row in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError):
+            pass  # a damaged entry is made again
+    rows = audit(corpora, splits)
+    write_json_atomic(path, [dataclasses.asdict(r) for r in rows])
+    return rows
 
 
 def audit(corpora: dict[str, list[str]], splits: dict[tuple[str, str], list[str]]) -> list[SplitOverlap]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cpt_bench.audit import NGRAM, audit, decontaminate, warnings
+from cpt_bench.audit import NGRAM, cached_audit, decontaminate, warnings
 from cpt_bench.batches import mlm_blocks
 from cpt_bench.data import read_corpus, read_end_task
 from cpt_bench.errors import BadInput
@@ -174,7 +174,8 @@ class LoadedData:
         if suite.perplexity.blocks:
             for name, source in suite.heldout_corpora.items():
                 self.heldout[name] = read_corpus(source, "text", plan.data_dir, limit)
-        self.audit = audit({name: texts for name, (texts, _) in self.corpora.items()}, self.end_task_splits())
+        self.audit = cached_audit({name: texts for name, (texts, _) in self.corpora.items()},
+                                  self.end_task_splits())
         self.decontaminated: dict[str, int] = {}  # corpus -> texts dropped (data.decontaminate)
         if plan.data_settings.decontaminate:
             tests = [text for task in self.tasks + self.probes for text in task.test.texts]

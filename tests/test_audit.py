@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cpt_bench.audit import audit, decontaminate
 
 from conftest import assert_one_line_error, run_cli, write_jsonl
@@ -89,3 +91,15 @@ def test_an_unknown_data_setting_is_bad_input(tiny_suite, tmp_path):
                   "--set", "data.scrub=true")
     assert_one_line_error(out, "data.scrub")
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_the_audit_is_cached_per_content(tmp_path, monkeypatch):
+    from cpt_bench import audit as audit_module
+
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path))
+    corpora, splits = {"food": [f"so {TEST_SENTENCE}"]}, {("food", "test"): [TEST_SENTENCE]}
+    first = audit_module.cached_audit(corpora, splits)
+    monkeypatch.setattr(audit_module, "audit", lambda *args: pytest.fail("audited again"))
+    assert audit_module.cached_audit(corpora, splits) == first and first[0].overlapping == 1
+    with pytest.raises(pytest.fail.Exception):  # other content: audited anew
+        audit_module.cached_audit(corpora, {("food", "test"): [TEST_SENTENCE, "more"]})
