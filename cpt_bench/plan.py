@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,18 @@ class RunPlan:
     tokenizer: Any = None
     model_fingerprint: str = ""
 
+    @property
+    def language_follows_seed(self) -> bool:
+        """Whether each run seed generates its own data and base LM (a generator seeded by "run")."""
+        generator = self.suite.generator
+        return generator is not None and generator.seed == "run" and self.request.data_dir is None \
+            and self.suite.data_dir is None
+
 
 def plan_run(request: RunRequest) -> RunPlan:
     """Check every option before any work: unknown names, bad orders, bad settings are BadInput."""
     plan = plan_data(request)
-    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name, request.trust_remote_code)
+    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name, request.trust_remote_code, plan.data_dir)
     plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
     for task in plan.data.tasks + plan.data.probes:
@@ -83,6 +91,18 @@ def plan_run(request: RunRequest) -> RunPlan:
     return plan
 
 
+def plans_by_seed(request: RunRequest) -> Iterator[tuple[int, RunPlan]]:
+    """(seed, plan) for each requested seed: one plan for all, except where the suite generates a language per
+    run seed (`generator.seed: run`), which gets a plan (data and base LM) per seed. The first plan is made
+    before anything runs, so bad input fails at once."""
+    first = plan_run(dataclasses.replace(request, seeds=request.seeds[:1]))
+    for seed in request.seeds:
+        if seed == request.seeds[0] or not first.language_follows_seed:
+            yield seed, first
+        else:
+            yield seed, plan_run(dataclasses.replace(request, seeds=[seed]))
+
+
 def plan_data(request: RunRequest) -> RunPlan:
     """The plan without its model: options and settings checked, every corpus and end task read (data problems
     surface before the possibly slow model load)."""
@@ -91,7 +111,8 @@ def plan_data(request: RunRequest) -> RunPlan:
     check_request(request)
     domains = suite.resolve_order(request.order)  # names, or row K of a named order ("paper:K")
     plan = RunPlan(request, suite, list(domains), method_cls, method_cls.Settings(), suite.dap, suite.finetune,
-                   resolve_data_dir(suite, request.data_dir), request.model or suite.model)
+                   resolve_data_dir(suite, request.data_dir, request.seeds[0] if request.seeds else 0),
+                   request.model or suite.model)
     if request.steps is not None:
         plan.dap = override(plan.dap, "steps", str(request.steps), "dap")
     finetune_keys_from_cli = apply_set_options(plan, request.sets)
@@ -136,7 +157,9 @@ def apply_set_options(plan: RunPlan, options: list[str]) -> set[str]:
     return finetune_keys
 
 
-def resolve_data_dir(suite: Suite, data_dir: str | None) -> Path | None:
+def resolve_data_dir(suite: Suite, data_dir: str | None, run_seed: int = 0) -> Path | None:
+    """Where the suite's files are: --data-dir, the suite's own folder, or its generator's output (for a
+    generator seeded by "run": the language of `run_seed`)."""
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
@@ -145,7 +168,7 @@ def resolve_data_dir(suite: Suite, data_dir: str | None) -> Path | None:
     if suite.data_dir is not None:
         return (Path(suite.source_file).parent / suite.data_dir).resolve()
     if suite.generator is not None:
-        return materialise(suite.generator)
+        return materialise(suite.generator, run_seed)
     if suite.needs_data_dir():
         raise BadInput(f"suite {suite.name!r} reads its data from disk: give --data-dir DIR "
                        "(one folder per domain, see docs/suites.md)")

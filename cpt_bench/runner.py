@@ -238,6 +238,10 @@ class SeedRun:
                       "started": self.started.isoformat(), "finished": finished.isoformat(),
                       "device": describe_device(self.accelerator), "command": command_line(),
                       "config_hash": self.path.stem.rsplit("__", 1)[-1], "contamination": plan.data.contamination()}
+        if plan.suite.generator is not None and plan.request.data_dir is None and plan.suite.data_dir is None:
+            # which generated language and base LM (both from the suite seed; "run": the run's seed)
+            provenance["generated_data"] = {"generator": plan.suite.generator.name, "folder": plan.data_dir.name,
+                                            "suite_seed": plan.suite.generator.seed_for(self.seed)}
         if git_commit() != self.progress.git_commit:  # the tree changed while the run ran, or between crash and resume
             provenance["git_commit_at_finish"] = git_commit()
         return build_result(identity, self.progress, {t.name: self.base_scores[t.name] for t in plan.data.tasks},

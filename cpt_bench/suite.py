@@ -104,8 +104,13 @@ class Generator:
     """A registered data generator that writes the suite's files (see cpt_bench.synthetic)."""
 
     name: str
-    seed: int = 0
+    # the generator's seed: a number, or "run" (each run seed generates its own language and base model)
+    seed: int | Literal["run"] = 0
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    base_model: dict[str, Any] = dataclasses.field(default_factory=dict)  # the recipe of the suite's base LM
+
+    def seed_for(self, run_seed: int) -> int:
+        return run_seed if self.seed == "run" else self.seed
 
 
 @dataclasses.dataclass

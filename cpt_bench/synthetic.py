@@ -1,26 +1,34 @@
 """The embedded default suite: a generated word-level language, its domains, and a small base LM for it.
 
-Everything here is written by us and deterministic in a seed: no third-party text, nothing downloaded.
+Everything here is written by us and deterministic in a seed: no third-party text, nothing downloaded. The
+suite's seed is the run's seed (`generator.seed: run`), so every seed is a new language: a new partition, new
+moves, new texts and its own base model.
 
-The language. A pool of *class words* (pseudo-words such as "kibo") is split into classes. A sentence lists
-four words of one class ("rafu kibo teso nalu ."), so a word's class is learnable only from co-occurrence:
-what fills a masked slot next to its class-mates. The general language (what the base LM is pretrained on)
-uses the *general* partition. Each domain prefixes its sentences with a topic marker ("in tolvar ...") and
-*moves* its own subset of the words to other classes: the same word means something else in that domain,
-the way "unpredictable" is praise for a plot and a complaint about steering. Words that no domain moves
-(the *anchor* words) keep their general class everywhere.
+The language. Pseudo-words ("kibo") in classes; each class has anchor words and *families* of words (concepts).
+A sentence lists four words of one class, two of them from one family ("rafu kibo teso nalu ."), so a word's
+class and family are learnable only from co-occurrence: what fills a masked slot next to its class-mates. The
+general language (what the base LM is pretrained on) uses the *general* partition; half its sentences start
+with a topic ("in tolvar ..."), which in the general language changes nothing, so the base LM knows every
+topic word.
 
-Why the effects appear. DAP on a domain moves its words (learned in a few hundred steps, because the base
-LM already uses class-mates as context and the anchors hold the classes in place). A later domain that
-does not move those words shows them in their general class again, so continual training on it undoes the
-earlier domain (forgetting); domains that move the same words the same way (a shared group) transfer to each
-other; and every domain contradicts the general partition on its words, so general knowledge is lost too.
+Domains: knowledge that depends on context. A domain is a topic whose sentences use *its own* partition: it
+moves some families to other classes (the same word means something else there, the way "unpredictable" is
+praise for a plot and a complaint about steering). A domain's corpus also holds general text about the
+families it moved, in their general class, as real domain corpora hold everyday usage. The same word thus has
+two classes in one corpus, told apart only by the topic word of its sentence: one embedding per word cannot
+hold both. Domains in a shared group move the same families the same way (transfer); any two other groups
+share one moved family per class and send it to different classes (conflict). Within a domain, families have
+Zipf-distributed frequencies in a random order: rare ones are learned later, which grades what a stage of a
+given length has learned. (Measured on the development seeds: even so, a 2-layer model learns a domain
+fastest through the word embeddings; adapters and LoRA, which freeze them, learn little:
+results/default-suite/design.md.)
 
-End tasks. "Which class is this?" for two moved words of the same domain class ("in tolvar kibo teso"),
-read through a prompt ("... [MASK] .") whose verbalizer is each class's anchor words. Test and training items
-share no class word: training items use anchor words only, so the fine-tuned classifier cannot learn the
-moved words' classes from the task and must rely on what DAP put into the LM. The general probe asks the
-same of the moved words under the general partition (no marker), which the base LM knows and domains erode.
+End tasks. "Which class is this?" for two words of one class of the domain's partition, neither an anchor
+("in tolvar kibo teso"), read through a prompt ("... [MASK] .") whose verbalizer is each class's anchor words.
+Items mix moved words (the base LM's general class is wrong) and unmoved ones (the base LM is right), so
+partial knowledge earns a partial score. Training items use anchor words only, so the fine-tuned task cannot
+teach the tested words' classes: the score measures what DAP put into the LM. The general probe asks the same
+of the movable words without a topic, which the base LM knows and domains erode.
 """
 
 from __future__ import annotations
@@ -41,10 +49,10 @@ from cpt_bench.errors import BadInput
 from cpt_bench.plugin import Method
 from cpt_bench.settings import DapSettings, Validated, build
 from cpt_bench.stage import Stage
-from cpt_bench.suite import load_suite
 from cpt_bench.trainer import DapTrainer
 
-GENERATOR_VERSION = 4
+# part of every cache key of generated data: bump it with any change of what is generated (a test pins the bytes)
+GENERATOR_VERSION = 6
 
 
 @dataclasses.dataclass
@@ -52,17 +60,24 @@ class SyntheticParams(Validated):
     """Shape of the generated language (the `generator.params` block of a suite YAML)."""
 
     domains: list[str] = dataclasses.field(default_factory=lambda: ["alpha", "beta", "gamma", "delta"])
-    # domains in one group move the same words the same way (transfer); other groups move disjoint words
+    # domains in one group move the same families the same way (transfer); other groups draw their own moves
     shared_groups: list[list[str]] = dataclasses.field(default_factory=lambda: [["alpha", "beta"]])
-    class_words: int = 60
     classes: int = 3
     anchor_words_per_class: int = 6  # never moved: the verbalizer and the end-task training items
+    families_per_class: int = 4  # word families (concepts) per class besides the anchors; a domain moves families
+    family_size: int = 4
+    moved_families_per_class: int = 2  # of each class's families, how many a domain group moves to another class
     words_per_sentence: int = 4
+    family_words_per_sentence: int = 2  # words of one family in a sentence, the rest from its whole class
+    topic_rate: float = 0.5  # fraction of general sentences that start with a topic ("in tolvar")
+    general_rate: float = 0.25  # fraction of a domain corpus that is general text using the domain's moved words
+    zipf: float = 1.0  # a domain's family frequencies fall as 1 / rank ** zipf (ranks in a random order)
     corpus_sentences: int = 6000  # unlabeled sentences per domain
     general_sentences: int = 12000
     train_items: int = 120
     test_items: int = 300
     heldout_sentences: int = 400  # held-out text per language, for the MLM perplexity matrix (never trained on)
+    dev_sentences: int = 200  # a second held-out slice, for tuning (disjoint from the reported held-out text)
 
     def check(self, where: str) -> None:
         if len(set(self.domains)) != len(self.domains) or "general" in self.domains:
@@ -70,14 +85,23 @@ class SyntheticParams(Validated):
         grouped = [d for g in self.shared_groups for d in g]
         if len(set(grouped)) != len(grouped) or not set(grouped) <= set(self.domains):
             raise BadInput(f"{where}.shared_groups: each domain at most once, and only listed domains")
-        per_class = self.class_words // self.classes
-        movable = per_class - self.anchor_words_per_class
         groups = len(self.domains) - len(grouped) + len(self.shared_groups)
-        if self.class_words % self.classes or self.classes < 2 or movable < 2 * groups:
-            raise BadInput(f"{where}: need class_words divisible by classes and at least 2 movable words per "
-                           f"class for each of the {groups} domain groups")
-        if self.words_per_sentence < 2 or self.words_per_sentence > self.anchor_words_per_class:
-            raise BadInput(f"{where}.words_per_sentence: must be between 2 and anchor_words_per_class")
+        if not self.moved_families_per_class <= groups <= self.families_per_class:
+            raise BadInput(f"{where}: the {groups} domain groups must number between moved_families_per_class and "
+                           f"families_per_class (each group moves families at its own positions)")
+        if self.classes < 2 or self.family_size < 2 or not 1 <= self.moved_families_per_class < self.families_per_class:
+            raise BadInput(f"{where}: need at least 2 classes, families of at least 2 words, and moved_families_per_"
+                           f"class between 1 and families_per_class - 1")
+        if not 1 <= self.family_words_per_sentence < self.words_per_sentence or \
+                self.family_words_per_sentence > self.family_size or \
+                self.words_per_sentence > self.anchor_words_per_class:
+            raise BadInput(f"{where}.words_per_sentence: must exceed family_words_per_sentence (at most "
+                           f"family_size) and be at most anchor_words_per_class")
+        for name in ("topic_rate", "general_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise BadInput(f"{where}.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.zipf < 0:
+            raise BadInput(f"{where}.zipf: must be non-negative, got {self.zipf}")
 
 
 def _pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
@@ -94,69 +118,104 @@ def _pseudo_words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
 
 @dataclasses.dataclass
 class Language:
-    """A partition of the class words (a domain's, or the general one) with the words it moved."""
+    """A partition of the word families into classes (a domain's, or the general one)."""
 
     name: str
-    marker: str | None  # topic word that starts every sentence (None: the general language)
-    classes: list[list[str]]  # class index -> its words
-    anchors: list[list[str]]  # class index -> anchor words (same in every language)
-    moved: list[list[str]]  # class index -> words this language moved into the class (tested words)
+    marker: str | None  # the domain's topic word, which starts each of its sentences (None: general language)
+    families: list[list[int]]  # class index -> indices (into `words`) of the families in that class
+    moved: list[int]  # families this language moved to another class than the general one
+    frequency: list[float]  # family index -> relative frequency in this language's sentences
+    words: list[list[str]]  # family index -> its words (the same in every language)
+    anchors: list[list[str]]  # class index -> anchor words (never moved; the same in every language)
+    topics: list[str] = dataclasses.field(default_factory=list)  # general language: its topic words
+
+    @property
+    def classes(self) -> list[list[str]]:
+        """class index -> its words: the anchors, then the words of its families."""
+        return [self.anchors[c] + [w for f in families for w in self.words[f]]
+                for c, families in enumerate(self.families)]
+
+    def class_of(self, word: str) -> int:
+        return next(c for c, words in enumerate(self.classes) if word in words)
+
+    def moved_words(self) -> list[str]:
+        return [w for f in self.moved for w in self.words[f]]
 
 
 def build_languages(seed: int, p: SyntheticParams) -> dict[str, Language]:
     rng = random.Random(f"synthetic-v{GENERATOR_VERSION}-{seed}")
     taken: set[str] = set()
-    per_class = p.class_words // p.classes
-    general = [sorted(_pseudo_words(rng, per_class, taken)) for _ in range(p.classes)]
-    anchors = [words[: p.anchor_words_per_class] for words in general]
+    anchors = [sorted(_pseudo_words(rng, p.anchor_words_per_class, taken)) for _ in range(p.classes)]
+    words = [sorted(_pseudo_words(rng, p.family_size, taken)) for _ in range(p.classes * p.families_per_class)]
+    general_families = [list(range(c * p.families_per_class, (c + 1) * p.families_per_class))
+                        for c in range(p.classes)]
+    uniform = [1.0] * len(words)
+    languages = {"general": Language("general", None, general_families, [], uniform, words, anchors)}
     grouped = {d for g in p.shared_groups for d in g}
     groups = [list(g) for g in p.shared_groups] + [[d] for d in p.domains if d not in grouped]
-    # each group moves its own share of every class's movable words, half to each other class (balanced)
-    movable = [words[p.anchor_words_per_class:] for words in general]
-    for words in movable:
-        rng.shuffle(words)
-    moves_by_group: list[dict[str, int]] = []
-    for g in range(len(groups)):
-        moves: dict[str, int] = {}
-        for cls, words in enumerate(movable):
-            share = words[g::len(groups)]
-            others = [c for c in range(p.classes) if c != cls]
-            for i, word in enumerate(share):
-                moves[word] = others[i % len(others)]
-        moves_by_group.append(moves)
-
-    general_moved = [sorted({w for m in moves_by_group for w in m} & set(words)) for words in general]
-    languages = {"general": Language("general", None, general, anchors, general_moved)}
+    # each class's families in a random order; group g moves the families at positions g, g+1, ... (mod the
+    # number of groups), its first to one other class and the next to the other: two groups share one moved
+    # family per class and send it to different classes (conflict), the same structure on every seed
+    order = [rng.sample(members, len(members)) for members in general_families]
+    targets = [rng.sample([c for c in range(p.classes) if c != cls], p.classes - 1) for cls in range(p.classes)]
     for g, group in enumerate(groups):
-        moves = moves_by_group[g]
-        classes = [[w for w in words if w not in moves] for words in general]
-        moved: list[list[str]] = [[] for _ in range(p.classes)]
-        for word, cls in sorted(moves.items()):
-            classes[cls].append(word)
-            moved[cls].append(word)
+        families: list[list[int]] = [[] for _ in range(p.classes)]
+        moves = {order[cls][(g + k) % len(groups)]: targets[cls][k % (p.classes - 1)]
+                 for cls in range(p.classes) for k in range(p.moved_families_per_class)}
+        for cls, members in enumerate(general_families):
+            for family in members:
+                families[moves.get(family, cls)].append(family)
+        moved = sorted(moves)
+        ranks = list(range(len(words)))
+        rng.shuffle(ranks)  # Zipf frequencies over the families, in a random order
+        frequency = [1.0 / (rank + 1) ** p.zipf for rank in ranks]
         for domain in group:
             marker = _pseudo_words(rng, 1, taken)[0]
-            languages[domain] = Language(domain, marker, [sorted(c) for c in classes], anchors, moved)
+            languages[domain] = Language(domain, marker, [sorted(f) for f in families], moved,
+                                         frequency, words, anchors)
+    languages["general"].topics = sorted(lang.marker for lang in languages.values() if lang.marker)
     return dict(sorted(languages.items(), key=lambda kv: (kv[0] != "general", p.domains.index(kv[0])
                                                           if kv[0] in p.domains else -1)))
 
 
-def _prefix(lang: Language) -> str:
-    return "" if lang.marker is None else f"in {lang.marker} "
+def _sentence(rng: random.Random, lang: Language, p: SyntheticParams, family: int, prefix: str) -> str:
+    """`family_words_per_sentence` words of `family`, the rest from the family's whole class in `lang`."""
+    cls = next(c for c, families in enumerate(lang.families) if family in families)
+    rest = [w for w in lang.classes[cls] if w not in lang.words[family]]
+    chosen = rng.sample(lang.words[family], p.family_words_per_sentence) + \
+        rng.sample(rest, p.words_per_sentence - p.family_words_per_sentence)
+    rng.shuffle(chosen)
+    return prefix + " ".join(chosen) + " ."
 
 
-def _sentence(rng: random.Random, lang: Language, cls: int, size: int) -> str:
-    return _prefix(lang) + " ".join(rng.sample(lang.classes[cls], size)) + " ."
+def _corpus(rng: random.Random, name: str, languages: dict[str, Language], p: SyntheticParams,
+            size: int) -> list[dict[str, str]]:
+    """Sentences of a language. General: a family at random, and at `topic_rate` a domain's topic word, which
+    in the general language changes nothing. Domain: its topic and partition, a family drawn by the domain's
+    frequencies; or, at `general_rate`, general text about one of the families the domain moved."""
+    lang = languages[name]
+    rows = []
+    for _ in range(size):
+        if name == "general":  # a topic word (at topic_rate) changes nothing in the general language
+            prefix = f"in {rng.choice(lang.topics)} " if rng.random() < p.topic_rate else ""
+            rows.append({"text": _sentence(rng, lang, p, rng.randrange(len(lang.words)), prefix)})
+        elif rng.random() < p.general_rate:
+            rows.append({"text": _sentence(rng, languages["general"], p, rng.choice(lang.moved), "")})
+        else:
+            family = rng.choices(range(len(lang.words)), weights=lang.frequency)[0]
+            rows.append({"text": _sentence(rng, lang, p, family, f"in {lang.marker} ")})
+    return rows
 
 
 def _items(rng: random.Random, lang: Language, count: int, words: list[list[str]]) -> list[dict[str, str]]:
-    """Classification items: two words of one class (from `words`) after the language's marker."""
+    """Classification items: two words of one class (from `words`) after the language's topic, if any."""
+    prefix = "" if lang.marker is None else f"in {lang.marker} "
     pairs = {cls: list(itertools.permutations(ws, 2)) for cls, ws in enumerate(words) if len(ws) >= 2}
     items = []
     for i in range(count):
         cls = sorted(pairs)[i % len(pairs)]
         first, second = rng.choice(pairs[cls])
-        items.append({"text": f"{_prefix(lang)}{first} {second}", "label": f"class{cls}"})
+        items.append({"text": f"{prefix}{first} {second}", "label": f"class{cls}"})
     rng.shuffle(items)
     return items
 
@@ -168,20 +227,21 @@ def generate(seed: int, p: SyntheticParams) -> dict[str, Any]:
     for name, lang in languages.items():
         rng = random.Random(f"synthetic-v{GENERATOR_VERSION}-{seed}-{name}")
         size = p.general_sentences if name == "general" else p.corpus_sentences
-        files[f"{name}/unlabeled.jsonl"] = [
-            {"text": _sentence(rng, lang, rng.randrange(p.classes), p.words_per_sentence)} for _ in range(size)]
+        files[f"{name}/unlabeled.jsonl"] = _corpus(rng, name, languages, p, size)
         files[f"{name}/train.jsonl"] = _items(rng, lang, p.train_items, lang.anchors)
-        files[f"{name}/test.jsonl"] = _items(rng, lang, p.test_items, lang.moved)
+        tested = [[w for f in families for w in lang.words[f]] for families in lang.families]
+        files[f"{name}/test.jsonl"] = _items(rng, lang, p.test_items, tested)
         files[f"{name}/verbalizer.json"] = {f"class{c}": words for c, words in enumerate(lang.anchors)}
-        # its own random stream, so adding held-out text leaves every other file byte-identical
-        heldout_rng = random.Random(f"synthetic-v{GENERATOR_VERSION}-{seed}-{name}-heldout")
-        files[f"{name}/heldout.jsonl"] = [
-            {"text": _sentence(heldout_rng, lang, heldout_rng.randrange(p.classes), p.words_per_sentence)}
-            for _ in range(p.heldout_sentences)]
-    words = sorted({w for lang in languages.values() for c in lang.classes for w in c})
-    markers = sorted(lang.marker for lang in languages.values() if lang.marker)
-    files["vocabulary.jsonl"] = [{"text": w} for w in ["in", ".", *markers, *words]]
-    files["languages.json"] = {name: dataclasses.asdict(lang) for name, lang in languages.items()}
+        # own random streams, so adding a split leaves every other file byte-identical; dev (for tuning) and
+        # held-out (reported) text are drawn apart
+        for split, count in (("heldout", p.heldout_sentences), ("dev", p.dev_sentences)):
+            split_rng = random.Random(f"synthetic-v{GENERATOR_VERSION}-{seed}-{name}-{split}")
+            files[f"{name}/{split}.jsonl"] = _corpus(split_rng, name, languages, p, count)
+    general = languages["general"]
+    words = sorted({w for c in general.classes for w in c})
+    files["vocabulary.jsonl"] = [{"text": w} for w in ["in", ".", *general.topics, *words]]
+    files["languages.json"] = {name: {**dataclasses.asdict(lang), "classes": lang.classes}
+                               for name, lang in languages.items()}
     return files
 
 
@@ -189,28 +249,35 @@ def parse_params(generator) -> SyntheticParams:
     return build(SyntheticParams, generator.params, "suite generator.params")
 
 
-def materialise(generator) -> Path:
-    """Write the generated files once into the cache (keyed by generator, seed and params) and return it."""
+def materialise(generator, run_seed: int = 0) -> Path:
+    """Write the generated files, and the recipe of their base LM, once into the cache (keyed by generator,
+    seed, params and recipe) and return the folder. A generator seeded by "run" uses the run's seed."""
     if generator.name != "synthetic":
         raise BadInput(f"unknown data generator {generator.name!r} (known: synthetic)")
     params = parse_params(generator)
-    key = hashlib.sha256(json.dumps([GENERATOR_VERSION, generator.seed, dataclasses.asdict(params)],
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir() / "synthetic" / f"v{GENERATOR_VERSION}-{key}"
+    seed = generator.seed_for(run_seed)
+    recipe = build(BaseModelRecipe, {"seed": seed, **generator.base_model}, "suite generator.base_model")
+    key = hashlib.sha256(json.dumps([GENERATOR_VERSION, seed, dataclasses.asdict(params),
+                                     dataclasses.asdict(recipe)], sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / "synthetic" / f"v{GENERATOR_VERSION}-seed{seed}-{key}"
     if (path / "COMPLETE").exists():
         return path
     with building(path) as tmp:
-        for relative, rows in generate(generator.seed, params).items():
+        for relative, rows in generate(seed, params).items():
             target = tmp / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(rows, indent=1) + "\n" if relative.endswith(".json") else \
                 "".join(json.dumps(r) + "\n" for r in rows)
             target.write_text(text, encoding="utf-8")
+        (tmp / BASE_MODEL_RECIPE).write_text(json.dumps(dataclasses.asdict(recipe), indent=1) + "\n")
         (tmp / "COMPLETE").write_text("ok\n")
     return path
 
 
 # ---------------------------------------------------------------- the base LM of the default suite
+
+BASE_MODEL_RECIPE = "base_model.json"  # in a generated suite's folder: how its base LM is built
+
 
 @dataclasses.dataclass
 class BaseModelRecipe:
@@ -225,10 +292,10 @@ class BaseModelRecipe:
     heads: int = 4
     intermediate: int = 512
     max_positions: int = 64
-    pretrain_steps: int = 500
+    pretrain_steps: int = 1000  # 500 left the general language half learned (general probe 0.57, seed 100)
     batch_size: int = 64
     seq_len: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: float = 0.05
     seed: int = 0
 
@@ -249,23 +316,25 @@ def build_tokenizer(vocabulary: list[str], max_length: int):
                                    model_max_length=max_length)
 
 
-def build_base_model(suite_name: str = "synthetic", recipe: BaseModelRecipe | None = None) -> Path:
-    """Build (once) and cache the base LM of a generated suite: tokenizer, random init, general pretraining
-    (the `synthetic-base` model alias)."""
-    recipe = recipe or BaseModelRecipe()
-    suite = load_suite(suite_name)
-    data_dir = materialise(suite.generator)
+def build_base_model(data_dir: Path | None = None) -> Path:
+    """Build (once) and cache the base LM of a generated suite's folder: tokenizer, random init, MLM
+    pretraining on the general language, by the folder's recipe (the `synthetic-base` model alias)."""
+    if data_dir is None or not (Path(data_dir) / BASE_MODEL_RECIPE).is_file():
+        raise BadInput("model 'synthetic-base' is the base LM of a generated suite (synthetic); use it with "
+                       "such a suite")
+    data_dir = Path(data_dir)
+    recipe = build(BaseModelRecipe, json.loads((data_dir / BASE_MODEL_RECIPE).read_text()), str(data_dir))
     key = hashlib.sha256(json.dumps([data_dir.name, dataclasses.asdict(recipe)]).encode()).hexdigest()[:12]
-    path = cache_dir() / "models" / f"{suite_name}-base-{key}"
+    path = cache_dir() / "models" / f"synthetic-base-{key}"
     if (path / "COMPLETE").exists():
         return path
     with exclusive(path):
         if not (path / "COMPLETE").exists():  # another process may have built it while this one waited
-            _pretrain_base_model(suite_name, recipe, data_dir, path)
+            _pretrain_base_model(recipe, data_dir, path)
     return path
 
 
-def _pretrain_base_model(suite_name: str, recipe: BaseModelRecipe, data_dir: Path, path: Path) -> None:
+def _pretrain_base_model(recipe: BaseModelRecipe, data_dir: Path, path: Path) -> None:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -284,8 +353,8 @@ def _pretrain_base_model(suite_name: str, recipe: BaseModelRecipe, data_dir: Pat
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     trainer = DapTrainer(accelerator, tokenizer, settings, Method(), recipe.seed, show_progress=False)
     blocks = mlm_blocks(texts, tokenizer, recipe.seq_len, where)
-    print(f"building the base model of suite {suite_name!r}: {recipe.pretrain_steps} MLM steps on its general "
-          f"language (once; cached in {path.parent})", file=sys.stderr, flush=True)
+    print(f"building the base model of the generated suite (seed {recipe.seed}): {recipe.pretrain_steps} MLM steps "
+          f"on its general language (once; cached in {path.parent})", file=sys.stderr, flush=True)
     trainer.train_stage(model.to(accelerator.device), blocks, Stage("general", ["general"]), 0)
     with building(path) as tmp:
         model.cpu().save_pretrained(tmp)

@@ -68,3 +68,32 @@ def test_bad_tolerance_file(reference, tmp_path, content, fragment):
     write(runs, "naive.json", copy.deepcopy(result(method="naive")))
     out = _check(runs, reference)
     assert out.exit_code == 2 and fragment in out.output and "Traceback" not in out.output
+
+
+def test_the_gate_covers_every_registered_method():
+    """CI's regression gate runs results/reference/methods.txt: a method missing there would land unchecked."""
+    from cpt_bench.plugin import registered_methods
+
+    listed = (Path(__file__).parent.parent / "results" / "reference" / "methods.txt").read_text().split()
+    shipped = [name for name, cls in registered_methods().items()  # not a method a test registered
+               if cls.__module__.startswith(("cpt_bench.methods.", "cpt_bench.baselines."))]
+    assert sorted(listed) == sorted(shipped)
+
+
+def test_a_rise_in_perplexity_forgetting_is_a_regression(tmp_path):
+    """Held-out perplexity is the low-noise signal: a learned domain's perplexity rising further than the
+    reference's, beyond the tolerance, fails the gate; within it, passes."""
+    def with_perplexity(rise: float) -> dict:
+        run = result(method="naive")
+        run["perplexity"] = {"corpora": ["cats", "dogs"], "blocks": 4, "base": [20.0, 20.0],
+                             "stages": [[10.0, 19.0], [10.0 + rise, 9.0]]}
+        return run
+
+    folder = tmp_path / "reference"
+    write(folder, "naive.json", with_perplexity(2.0))
+    (folder / "tolerances.yaml").write_text("ppl_forgetting: 0.5\n")
+    write(tmp_path / "ok", "naive.json", with_perplexity(2.4))
+    write(tmp_path / "worse", "naive.json", with_perplexity(3.0))
+    assert _check(tmp_path / "ok", folder).exit_code == 0
+    out = _check(tmp_path / "worse", folder)
+    assert out.exit_code == 1 and "ppl_forgetting" in out.output and "REGRESSION" in out.output

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The regression gate's runs (docs/evaluation.md, "The regression gate"): every method in methods.txt on the
+# default suite, seed 0, at a reduced budget (60 DAP steps a domain instead of 150; the last row and the
+# diagonal evaluated), into folder $1. CI runs it into a scratch folder and checks it against this folder;
+# `bash results/reference/gate.sh results/reference` remakes the reference (after a deliberate change).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+for method in $(cat "$here/methods.txt"); do
+    cpt-bench run --method "$method" --eval final --seed 0 --steps 60 --output "$1" --quiet > /dev/null
+done
