@@ -32,8 +32,11 @@ from cpt_bench.stage import SequenceState
 
 @dataclasses.dataclass
 class DerppSettings(MethodSettings):
-    alpha: float = 0.5  # weight of logit matching on replayed blocks (DER's term)
-    beta: float = 0.5  # weight of the MLM loss on replayed blocks (the "++" term); 0 gives DER
+    # alpha: weight of logit matching on replayed blocks (DER's term); beta: weight of the MLM loss on replayed
+    # blocks (the "++" term; 0 gives DER). 1 and 1 = the best of the grid 0.1, 0.3, 1, 3 with beta tied to
+    # alpha, under the tuning protocol (dev slices, seeds 100 and 101): results/sweeps/derpp.alpha.md
+    alpha: float = 1.0
+    beta: float = 1.0
     buffer_size: int = 512  # blocks kept
     replay_batch_size: int | None = None  # blocks per replay draw; None: as many as the micro-batch has
     logits_dtype: Literal["float16", "float32"] = "float16"  # storage of the kept logits

@@ -11,7 +11,9 @@ The protocol (docs/evaluation.md, "Tuning"):
   perplexity matrix and from the corpus). The runs use a copy of the suite whose held-out files are the dev
   files, so their perplexity matrix is the dev one; end-task scores (`--eval final`) are recorded, not used;
 - every method with a strength knob gets the same budget: one grid of about four values, and, when the best
-  value lies at an edge of the grid, one more value beyond that edge (once; the grid's last ratio).
+  value lies at an edge of the grid, one more value beyond that edge (once; the grid's last ratio);
+- a flat criterion does not move a default: values within TIE (1%) of the best are ties, and a tie that
+  includes the method's current default keeps it (the paper's value, where the default is the paper's).
 
 Writes OUTPUT/<setting>.md (the grid, the criterion per seed, the choice) and keeps the result files in
 OUTPUT/runs. Runs `--jobs` processes at once, one thread each.
@@ -32,6 +34,7 @@ from pathlib import Path
 import yaml
 
 REPORTED_SEEDS = {0, 1, 2}
+TIE = 0.01  # criteria within 1% of the best are not told apart (their spread over seeds is several times that)
 
 
 def dev_suite(suite_file: Path, output: Path) -> Path:
@@ -58,6 +61,13 @@ def dev_criterion(result: dict) -> float:
     perplexity = result["perplexity"]
     final = perplexity["stages"][-1]
     return statistics.mean(final[perplexity["corpora"].index(d)] for d in result["domains"])
+
+
+def current_default(setting: str) -> float:
+    from cpt_bench.plugin import method_class
+
+    method, key = setting.split(".", 1)
+    return float(getattr(method_class(method).Settings(), key))
 
 
 def best_value(grid: list[str], done: list[tuple[str, int, dict]]) -> str:
@@ -116,6 +126,9 @@ def main() -> None:
                      statistics.mean(r["metrics"]["final_macro_f1"] for r in results),
                      statistics.mean(r["metrics"]["forgetting_macro_f1"] for r in results)))
     best = min(rows, key=lambda r: r[1])
+    default = current_default(args.setting)
+    kept = [r for r in rows if r[1] <= best[1] * (1 + TIE) and float(r[0]) == default]
+    best = kept[0] if kept else best
     tie = f" --tie {args.tie}" if args.tie else ""
     lines = [f"# Sweep of `{args.setting}`{f' (with `{args.tie}` tied to it)' if args.tie else ''}", "",
              f"Command: `python benchmarks/sweep.py {args.setting} {args.grid}{tie} --seeds {args.seeds} "
@@ -123,7 +136,9 @@ def main() -> None:
              f"`{suite.name}`). Chosen by the dev criterion only: the mean over domains of the final MLM "
              "perplexity on each domain's dev slice (lower is better), averaged over the tuning seeds, which "
              "are disjoint from the reported seeds 0, 1, 2 (on the default suite each seed is its own language). "
-             "End-task test scores (`--eval final`) are shown for information and were not used.", "",
+             "End-task test scores (`--eval final`) are shown for information and were not used. "
+             f"Values within {TIE:.0%} of the best criterion are ties; a tie that includes the method's default "
+             f"({default:g}) keeps it.", "",
              f"| value | dev criterion (mean) | per seed ({args.seeds}) | final MF1 (not used) | "
              "forgetting MF1 (not used) |", "|---|---|---|---|---|"]
     lines += [f"| {v} | {c:.3f}{' **(chosen)**' if v == best[0] else ''} | "

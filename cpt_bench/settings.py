@@ -117,6 +117,9 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
+        present = [o for o in options if o is not type(None)]
+        if len(present) == 1:  # Optional[X]: X's own error names the field that is wrong
+            return coerce(value, present[0], where)
         for option in options:
             if option is type(None):
                 continue

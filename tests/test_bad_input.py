@@ -199,3 +199,16 @@ def test_a_checkpoints_own_code_never_runs_without_the_flag(tiny_model_dir, tmp_
         pass  # refused: just as good
     assert not marker.exists(), "the checkpoint's code ran without --trust-remote-code"
 
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda g: g.update(seed="sometimes"), "generator.seed"),
+    (lambda g: g.update(base_model={"layers": "two"}), "base_model.layers"),
+    (lambda g: g["params"].update(moved_families_per_class=9), "moved_families_per_class"),
+])
+def test_bad_generator_block(tmp_path, edit, fragment):
+    """A generated suite's seed, base-model recipe and language shape are checked before any work."""
+    path = tmp_path / "generated.yaml"
+    path.write_text((Path(__file__).parent.parent / "tasks" / "synthetic.yaml").read_text())
+    _edit_suite(path, lambda data: edit(data["generator"]))
+    _expect_bad_input(tmp_path, ["run", "--method", "naive", "--suite", str(path)], fragment)
