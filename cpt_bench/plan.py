@@ -69,11 +69,14 @@ class RunPlan:
     model_fingerprint: str = ""
 
     @property
+    def generates_data(self) -> bool:
+        """Whether the data comes from the suite's generator (no --data-dir, no data_dir in the suite)."""
+        return self.suite.generator is not None and self.request.data_dir is None and self.suite.data_dir is None
+
+    @property
     def language_follows_seed(self) -> bool:
         """Whether each run seed generates its own data and base LM (a generator seeded by "run")."""
-        generator = self.suite.generator
-        return generator is not None and generator.seed == "run" and self.request.data_dir is None \
-            and self.suite.data_dir is None
+        return self.generates_data and self.suite.generator.seed == "run"
 
 
 def plan_run(request: RunRequest) -> RunPlan:

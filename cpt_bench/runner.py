@@ -238,7 +238,7 @@ class SeedRun:
                       "started": self.started.isoformat(), "finished": finished.isoformat(),
                       "device": describe_device(self.accelerator), "command": command_line(),
                       "config_hash": self.path.stem.rsplit("__", 1)[-1], "contamination": plan.data.contamination()}
-        if plan.suite.generator is not None and plan.request.data_dir is None and plan.suite.data_dir is None:
+        if plan.generates_data:
             # which generated language and base LM (both from the suite seed; "run": the run's seed)
             provenance["generated_data"] = {"generator": plan.suite.generator.name, "folder": plan.data_dir.name,
                                             "suite_seed": plan.suite.generator.seed_for(self.seed)}
