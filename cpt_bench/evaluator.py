@@ -1,5 +1,7 @@
 """The uniform end-task evaluator: a fresh classification head on a copy of the LM's encoder, fine-tuned
-with the task's settings, model selection on dev when there is one, test macro-F1 and accuracy."""
+with the task's settings, model selection on dev when there is one, test macro-F1 and accuracy. A task may
+instead choose `evaluator: probe`: a linear probe on the frozen encoder, much cheaper and not the paper's
+protocol (`probe_scores`)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from cpt_bench.checkpoint import StopRequested
-from cpt_bench.data import EndTaskData, count_truncated, encode_split
+from cpt_bench.data import EndTaskData, count_truncated, encode_split, stratified_sample
 from cpt_bench.errors import BadInput
 from cpt_bench.models import encoder, mlm_head
 from cpt_bench.optim import adamw, linear_schedule
@@ -87,14 +89,63 @@ def verbalizer_token_ids(tokenizer, task: EndTaskData) -> list[list[int]]:
     return ids
 
 
-def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData) -> None:
+def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData, lm: nn.Module | None = None) -> None:
     """Fail early (before any training) on settings or inputs the evaluator cannot use."""
+    if task.evaluator == "probe" and lm is not None and not has_encoder(lm):
+        raise BadInput(f"end task {task.name}: evaluator 'probe' needs a model with an encoder (bidirectional "
+                       f"features to pool); {type(lm).__name__} has none")
     settings = task_settings(defaults, task)
     for split in (task.train, task.dev, task.test):
         if split is not None:
             encode_split(tokenizer, split, settings.max_length, task.template)
     if task.evaluator == "prompt":
         verbalizer_token_ids(tokenizer, task)
+
+
+def has_encoder(lm: nn.Module) -> bool:
+    """Whether the LM's body is a bidirectional encoder (a decoder's causal features are not what the probe pools)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = type(lm).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return not causal and not getattr(getattr(lm, "config", None), "is_decoder", False) and encoder(lm) is not lm
+
+
+# the probe's regularisation grid (inverse strength C of scikit-learn's LogisticRegression), chosen on dev
+PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+PROBE_DEV_FRACTION = 0.2  # of train, held out to choose C when the task has no dev split
+
+
+def probe_scores(features: dict[str, torch.Tensor], labels: dict[str, list[int]], task: EndTaskData, seed: int
+                 ) -> dict[str, float]:
+    """A logistic-regression head on frozen features: C chosen by dev macro-F1 (the smallest C wins ties; with
+    no dev split, on a stratified fifth of train, then refitted on all of train), test scores of that model."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, train_y = features["train"].double().numpy(), labels["train"]
+    if "dev" in features:
+        fit_x, fit_y, dev_x, dev_y = train_x, train_y, features["dev"].double().numpy(), labels["dev"]
+    else:
+        dev_rows = stratified_sample(train_y, max(1, int(PROBE_DEV_FRACTION * len(train_y))), seed)
+        held = set(dev_rows)
+        fit_rows = [i for i in range(len(train_y)) if i not in held]
+        fit_x, fit_y = train_x[fit_rows], [train_y[i] for i in fit_rows]
+        dev_x, dev_y = train_x[dev_rows], [train_y[i] for i in dev_rows]
+
+    def fitted(x, y, c):
+        scaler = StandardScaler().fit(x)
+        head = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(x), y)
+        return lambda z: head.predict(scaler.transform(z)).tolist()
+
+    if len(set(fit_y)) < 2 or len(set(train_y)) < 2:  # one class to learn: predict it (no model to fit)
+        majority = max(set(train_y), key=train_y.count)
+        return score([majority] * len(labels["test"]), labels["test"], len(task.label_names), task.average)
+    dev_f1 = [score(fitted(fit_x, fit_y, c)(dev_x), dev_y, len(task.label_names), task.average)["macro_f1"]
+              for c in PROBE_C_GRID]
+    best = PROBE_C_GRID[dev_f1.index(max(dev_f1))]
+    predict = fitted(train_x, train_y, best)
+    test = score(predict(features["test"].double().numpy()), labels["test"], len(task.label_names), task.average)
+    return {**test, "probe_c": best}
 
 
 def trimmed(split: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -146,8 +197,10 @@ class EndTaskEvaluator:
                                   getattr(config, "hidden_dropout_prob", 0.1))
 
     def evaluate(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
-        """Fine-tune a copy of `lm` (its encoder with a fresh head, or the whole LM through a prompt) on `task`;
-        return test scores."""
+        """Fine-tune a copy of `lm` (its encoder with a fresh head, or the whole LM through a prompt) on `task`,
+        or fit a linear probe on its frozen features; return test scores."""
+        if task.evaluator == "probe":
+            return self.probe(lm, task, seed)
         s = task_settings(self.settings, task)
         device = self.accelerator.device
         started = time.perf_counter()
@@ -196,6 +249,34 @@ class EndTaskEvaluator:
         if best_state is not None:
             model.load_state_dict(best_state)
         return {**self._scores(model, test, task), "seconds": round(time.perf_counter() - started, 3)}
+
+    @torch.no_grad()
+    def features(self, lm: nn.Module, split: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean over real tokens of the encoder's last hidden states, one row per example (dropout off)."""
+        body = encoder(lm)
+        was_training = body.training
+        body.eval()
+        rows = []
+        batch_size = max(64, self.settings.batch_size)
+        for start in range(0, len(split["labels"]), batch_size):
+            batch = trimmed(split, torch.arange(start, min(start + batch_size, len(split["labels"]))))
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            with self.accelerator.autocast():
+                hidden = body(**inputs)[0].float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            rows.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
+        body.train(was_training)
+        return torch.cat(rows)
+
+    def probe(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
+        started = time.perf_counter()
+        max_length = task_settings(self.settings, task).max_length
+        splits = {which: self._split(task, which, max_length) for which in ("train", "dev", "test")}
+        splits = {which: split for which, split in splits.items() if split is not None}
+        features = {which: self.features(lm, split) for which, split in splits.items()}
+        labels = {which: split["labels"].tolist() for which, split in splits.items()}
+        return {**probe_scores(features, labels, task, seed), "seconds": round(time.perf_counter() - started, 3)}
 
     @torch.no_grad()
     def _scores(self, model: nn.Module, split: dict[str, torch.Tensor], task: EndTaskData) -> dict[str, float]:

@@ -89,6 +89,7 @@ def configuration_settings(result: dict[str, Any]) -> dict[str, Any]:
     for task in (settings.get("end_tasks") or {}).values():
         if isinstance(task, dict):
             task.pop("truncated_examples", None)
+            task.pop("examples", None)  # split sizes: what the data gave, recorded beside the settings
     for block, cls in (("dap", DapSettings), ("finetune", FinetuneSettings)):
         if isinstance(settings.get(block), dict):
             settings[block] = _with_absent_settings(cls, settings[block])

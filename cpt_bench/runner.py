@@ -33,7 +33,8 @@ from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.trainer import Checkpointing, DapTrainer
 
 EVALUATOR_NAMES = {"head": "fine-tune a classification head on the first token",
-                   "prompt": "prompt-based fine-tuning of the whole LM (verbalizer words at the mask)"}
+                   "prompt": "prompt-based fine-tuning of the whole LM (verbalizer words at the mask)",
+                   "probe": "linear probe on the frozen encoder's mean-pooled features (not the paper's protocol)"}
 
 
 @dataclasses.dataclass
@@ -230,7 +231,7 @@ class SeedRun:
             "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
                          "data": as_dict(plan.data_settings), "eval": plan.request.eval, "limit": plan.request.limit,
                          "end_tasks": {t.name: {"evaluator": EVALUATOR_NAMES[t.evaluator],
-                                                "finetune_overrides": t.finetune_overrides}
+                                                "finetune_overrides": t.finetune_overrides, "examples": t.sizes}
                                        for t in plan.data.tasks + plan.data.probes}},
         }
         finished = datetime.datetime.now(datetime.timezone.utc)
