@@ -18,7 +18,7 @@ from torch import nn
 from cpt_bench.checkpoint import StopRequested
 from cpt_bench.data import EndTaskData, count_truncated, encode_split, stratified_sample
 from cpt_bench.errors import BadInput
-from cpt_bench.models import encoder, mlm_head
+from cpt_bench.models import encoder, is_causal_lm, mlm_head
 from cpt_bench.optim import adamw, linear_schedule
 from cpt_bench.progress import progress_bar
 from cpt_bench.settings import FinetuneSettings, build
@@ -41,11 +41,13 @@ def score(predictions: list[int], references: list[int], num_labels: int, averag
 
 
 class SequenceClassifier(nn.Module):
-    """Encoder + a fresh head on the first token (dense, tanh, linear: the RoBERTa classification head)."""
+    """Body + a fresh head (dense, tanh, linear: the RoBERTa classification head) on the first token of an
+    encoder, or on the last real token of a decoder (the only one that has read the whole text; right padding)."""
 
-    def __init__(self, body: nn.Module, hidden_size: int, num_labels: int, dropout: float):
+    def __init__(self, body: nn.Module, hidden_size: int, num_labels: int, dropout: float, last_token: bool = False):
         super().__init__()
         self.body = body
+        self.last_token = last_token
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.out = nn.Linear(hidden_size, num_labels)
@@ -54,8 +56,12 @@ class SequenceClassifier(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        first = self.body(**inputs)[0][:, 0]
-        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(first)))))
+        hidden = self.body(**inputs)[0]
+        if self.last_token:
+            pooled = hidden[torch.arange(len(hidden), device=hidden.device), attention_mask.sum(-1) - 1]
+        else:
+            pooled = hidden[:, 0]
+        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
 
 
 class PromptClassifier(nn.Module):
@@ -94,6 +100,9 @@ def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData, lm:
     if task.evaluator == "probe" and lm is not None and not has_encoder(lm):
         raise BadInput(f"end task {task.name}: evaluator 'probe' needs a model with an encoder (bidirectional "
                        f"features to pool); {type(lm).__name__} has none")
+    if task.evaluator == "prompt" and lm is not None and is_causal_lm(lm):
+        raise BadInput(f"end task {task.name}: evaluator 'prompt' scores a mask token, which a causal LM has not; "
+                       f"use evaluator 'head' with this model")
     settings = task_settings(defaults, task)
     for split in (task.train, task.dev, task.test):
         if split is not None:
@@ -104,10 +113,8 @@ def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData, lm:
 
 def has_encoder(lm: nn.Module) -> bool:
     """Whether the LM's body is a bidirectional encoder (a decoder's causal features are not what the probe pools)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    causal = type(lm).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    return not causal and not getattr(getattr(lm, "config", None), "is_decoder", False) and encoder(lm) is not lm
+    return not is_causal_lm(lm) and not getattr(getattr(lm, "config", None), "is_decoder", False) and \
+        encoder(lm) is not lm
 
 
 # the probe's regularisation grid (inverse strength C of scikit-learn's LogisticRegression), chosen on dev
@@ -194,7 +201,7 @@ class EndTaskEvaluator:
                                     self.tokenizer.mask_token_id)
         config = lm.config
         return SequenceClassifier(copy.deepcopy(encoder(lm)), config.hidden_size, len(task.label_names),
-                                  getattr(config, "hidden_dropout_prob", 0.1))
+                                  getattr(config, "hidden_dropout_prob", 0.1), last_token=is_causal_lm(lm))
 
     def evaluate(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
         """Fine-tune a copy of `lm` (its encoder with a fresh head, or the whole LM through a prompt) on `task`,

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from cpt_bench.audit import NGRAM, cached_audit, decontaminate, warnings
-from cpt_bench.batches import mlm_blocks
+from cpt_bench.batches import lm_blocks
 from cpt_bench.data import read_corpus, read_end_task
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import check_end_task
-from cpt_bench.models import load_masked_lm
+from cpt_bench.models import is_causal_lm, load_lm
 from cpt_bench.plugin import Method, method_class
 from cpt_bench.settings import DataSettings, override, parse_set_options
 from cpt_bench.suite import Suite, load_suite
@@ -82,9 +82,10 @@ class RunPlan:
 def plan_run(request: RunRequest) -> RunPlan:
     """Check every option before any work: unknown names, bad orders, bad settings are BadInput."""
     plan = plan_data(request)
-    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name, request.trust_remote_code, plan.data_dir)
+    plan.original_model, plan.tokenizer = load_lm(plan.model_name, request.trust_remote_code, plan.data_dir)
     plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
+    plan.data.causal = is_causal_lm(plan.original_model)  # the objective follows the model: next-token blocks
     for task in plan.data.tasks + plan.data.probes:
         check_end_task(plan.tokenizer, plan.finetune, task, plan.original_model)
     for corpus in plan.data.heldout:  # tokenised now: a held-out text too short for one block fails early
@@ -210,6 +211,7 @@ class LoadedData:
                     raise BadInput(f"data.decontaminate: every text of the corpus {where} overlaps a test text")
                 self.corpora[name] = (kept, where)
         self.tokenizer = None  # set once the model is loaded
+        self.causal = False  # a decoder's next-token blocks (set once the model is loaded)
         self._blocks: dict[str, Any] = {}
 
     def hold_out(self, name: str, texts: list[str], where: str, settings) -> list[str]:
@@ -242,7 +244,7 @@ class LoadedData:
     def blocks(self, corpus: str, seq_len: int):
         if corpus not in self._blocks:
             texts, where = self.corpora[corpus]
-            self._blocks[corpus] = mlm_blocks(texts, self.tokenizer, seq_len, where)
+            self._blocks[corpus] = lm_blocks(texts, self.tokenizer, seq_len, where, self.causal)
         return self._blocks[corpus]
 
     def heldout_blocks(self, corpus: str, seq_len: int, count: int):
@@ -250,7 +252,7 @@ class LoadedData:
         key = f"heldout:{corpus}"
         if key not in self._blocks:
             texts, where = self.heldout[corpus]
-            blocks = mlm_blocks(texts, self.tokenizer, seq_len, where)
+            blocks = lm_blocks(texts, self.tokenizer, seq_len, where, self.causal)
             self._blocks[key] = blocks.select(range(min(count, len(blocks))))
         return self._blocks[key]
 

@@ -300,10 +300,19 @@ class BaseModelRecipe:
     seed: int = 0
 
 
-def build_tokenizer(vocabulary: list[str], max_length: int):
+def build_tokenizer(vocabulary: list[str], max_length: int, causal: bool = False):
+    """A word-level tokenizer of a generated language: BERT's special tokens for an encoder; for a decoder
+    (`causal`) only padding, unknown and end-of-text tokens, and no tokens added around a text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    if causal:
+        specials = ["[PAD]", "[UNK]", "[EOS]"]
+        tokenizer = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + vocabulary)},
+                                               unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                       eos_token="[EOS]", model_max_length=max_length)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = {token: i for i, token in enumerate(specials + vocabulary)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

@@ -54,7 +54,8 @@ class UnitMap:
         layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
         if layout is None or layers is None:
             raise BadInput(f"model type {getattr(config, 'model_type', type(model).__name__)!r} has no unit map "
-                           f"for soft-masking (supported: {', '.join(sorted(UNIT_MAPS))})")
+                           f"(where its attention heads and FFN neurons are), which this method needs "
+                           f"(unit maps: {', '.join(sorted(UNIT_MAPS))})")
         self.layers = [LayerUnits(**{k: _get(layer, path) for k, path in layout.items()}) for layer in layers]
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads

@@ -125,19 +125,19 @@ def test_base_model_build_is_reproducible_bit_for_bit_per_suite_seed(tmp_path, m
 
 
 def test_default_base_model_loads_offline():
-    from cpt_bench.models import load_masked_lm
+    from cpt_bench.models import load_lm
 
-    model, tokenizer = load_masked_lm("synthetic-base", data_dir=_generated(0))
+    model, tokenizer = load_lm("synthetic-base", data_dir=_generated(0))
     assert model.config.num_hidden_layers == BaseModelRecipe().layers
     assert tokenizer.mask_token == "[MASK]"
 
 
 def test_synthetic_base_outside_a_generated_suite_is_bad_input():
     from cpt_bench.errors import BadInput
-    from cpt_bench.models import load_masked_lm
+    from cpt_bench.models import load_lm
 
     with pytest.raises(BadInput, match="generated suite"):
-        load_masked_lm("synthetic-base")
+        load_lm("synthetic-base")
 
 
 def _small_default_suite(folder: Path) -> Path:
