@@ -143,6 +143,13 @@ def report_new_weights(name: str, model: nn.Module, missing_keys) -> None:
           file=sys.stderr, flush=True)
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether training mode makes two passes differ: a dropout module or an attention dropout rate above 0
+    (many decoders ship with none)."""
+    return any((isinstance(m, nn.Dropout) and m.p > 0) or float(getattr(m, "attention_dropout", 0) or 0) > 0
+               for m in model.modules())
+
+
 def mlm_head(model: nn.Module) -> nn.Module:
     """The LM head, mapping hidden states to vocabulary logits: an encoder's MLM head (BERT `cls`, RoBERTa
     `lm_head`, ...) or a decoder's next-token head (GPT-2 and Llama `lm_head`, GPT-NeoX `embed_out`)."""

@@ -24,6 +24,7 @@ from cpt_bench.plugin import Method, method_class
 from cpt_bench.settings import DataSettings, override, parse_set_options
 from cpt_bench.suite import Suite, load_suite
 from cpt_bench.synthetic import materialise
+from cpt_bench.units import UnitMap
 
 
 @dataclasses.dataclass
@@ -86,6 +87,8 @@ def plan_run(request: RunRequest) -> RunPlan:
     plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
     plan.data.causal = is_causal_lm(plan.original_model)  # the objective follows the model: next-token blocks
+    if plan.method_cls.needs_unit_map:
+        UnitMap(plan.original_model)  # a family without one is refused here, before any training
     for task in plan.data.tasks + plan.data.probes:
         check_end_task(plan.tokenizer, plan.finetune, task, plan.original_model)
     for corpus in plan.data.heldout:  # tokenised now: a held-out text too short for one block fails early

@@ -143,14 +143,41 @@ def test_a_naive_run_on_a_decoder_writes_a_valid_result(tiny_suite, decoder_dirs
     assert all(math.isfinite(v) for v in run["metrics"].values() if v is not None)
 
 
-@pytest.mark.parametrize("method", ["one", "joint", "base", "ewc", "kd", "derpp"])
-def test_every_loss_based_method_runs_on_a_decoder(tiny_suite, decoder_dirs, tmp_path, method):
+ALL_METHODS = sorted(__import__("cpt_bench.plugin", fromlist=["registered_methods"]).registered_methods())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_runs_two_stages_on_a_decoder(tiny_suite, decoder_dirs, tmp_path, family, method):
     out = tmp_path / "out"
-    result = run_cli("run", "--method", method, "--suite", str(decoder_suite(tiny_suite, decoder_dirs["llama"])),
+    result = run_cli("run", "--method", method, "--suite", str(decoder_suite(tiny_suite, decoder_dirs[family])),
                      "--output", str(out), "--quiet")
     assert result.exit_code == 0, result.output
     run = json.loads(next(out.glob("*.json")).read_text())
     assert all(math.isfinite(v) for v in run["metrics"].values() if v is not None)
+    assert len(run["stages"]) == (0 if method == "base" else 1 if method == "joint" else 2)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_on_a_gqa_swiglu_decoder_resumes_after_a_crash_to_the_same_result(
+        tiny_suite, decoder_dirs, tmp_path, monkeypatch, method):
+    from interruptions import Crash, assert_same_result, crash_at_batch, only_result, run_tiny
+
+    suite = decoder_suite(tiny_suite, decoder_dirs["llama"])
+    reference = run_tiny(suite, tmp_path / "reference", method)
+    assert reference.exit_code == 0, reference.output
+    reference = only_result(tmp_path / "reference")
+    assert all(math.isfinite(v) for v in reference["metrics"].values() if v is not None)
+    if method == "base":
+        return  # no DAP stage to interrupt
+    out = tmp_path / "crashed"
+    crash_at_batch(monkeypatch, 9)  # in the second stage (joint: late in its one stage)
+    with pytest.raises(Crash):
+        run_tiny(suite, out, method)
+    monkeypatch.undo()
+    resumed = run_tiny(suite, out, method)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_result(only_result(out), reference)
 
 
 def test_a_checkpoint_that_is_neither_a_masked_nor_a_causal_lm_is_one_line(tmp_path):
@@ -187,3 +214,130 @@ def test_the_prompt_evaluator_on_a_decoder_is_one_line_before_training(tiny_suit
     result = run_cli("run", "--method", "naive", "--suite", str(suite), "--output", str(out))
     assert_one_line_error(result, "evaluator 'prompt'", "causal LM")
     assert not out.exists() or not list(out.glob("*.json"))
+
+
+# ---------------------------------------------------------------- units of decoder families
+
+def _layer0_units(units, model, batch):
+    """Layer 0's unit outputs: merged heads [.., heads, head_dim], intermediate neurons, output neurons."""
+    seen = {}
+    layer = units.layers[0]
+    handles = [layer.attention_out.register_forward_pre_hook(lambda m, a: seen.__setitem__("head", a[0])),
+               layer.output_dense.register_forward_pre_hook(lambda m, a: seen.__setitem__("intermediate", a[0])),
+               layer.output_dense.register_forward_hook(lambda m, a, o: seen.__setitem__("output", o))]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for handle in handles:
+        handle.remove()
+    seen["head"] = seen["head"].view(*seen["head"].shape[:-1], units.num_heads, units.head_dim)
+    return seen
+
+
+def _decoder_batch(model_dir):
+    model, tokenizer = load_lm(str(model_dir))
+    model.eval()
+    blocks = causal_blocks(TEXTS * 4, tokenizer, 8, "fixture")
+    return model, MaskingCollator(tokenizer)([blocks[i] for i in range(3)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gates_at_one_leave_a_decoder_bitwise_unchanged(decoder_dirs, family):
+    from cpt_bench.units import UnitMap
+
+    model, batch = _decoder_batch(decoder_dirs[family])
+    units = UnitMap(model)
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with units.gated(units.ones()):
+            gated = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(plain, gated)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["head", "intermediate", "output"])
+def test_perturbing_a_units_owned_slices_changes_only_that_unit(decoder_dirs, family, kind):
+    """Including grouped-query attention (llama: 4 query heads, 2 key/value heads) and SwiGLU: a key/value
+    head's rows belong to its group, so no single query head owns them."""
+    from cpt_bench.units import UnitMap
+
+    model, batch = _decoder_batch(decoder_dirs[family])
+    units = UnitMap(model)
+    unit = 1
+    before = _layer0_units(units, model, batch)
+    one_hot = torch.zeros(units.sizes[kind])
+    one_hot[unit] = 1.0
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter, owner, layer, axis in units.unit_parameters():
+            if owner != kind or layer != 0:
+                continue
+            owned = units.parameter_scale(one_hot, kind, parameter, axis).expand_as(parameter) > 0
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * owned)
+    after = _layer0_units(units, model, batch)
+    difference = (after[kind] - before[kind]).abs()
+    if kind == "head":  # [batch, time, heads, head_dim] -> per head
+        difference = difference.amax(-1)
+    changed = difference.flatten(0, 1).amax(0) > 0  # per unit
+    assert changed[unit]
+    assert not torch.cat([changed[:unit], changed[unit + 1:]]).any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_zeroed_unit_has_zero_importance(decoder_dirs, family):
+    from cpt_bench.units import UNIT_KINDS, UnitMap
+
+    model, batch = _decoder_batch(decoder_dirs[family])
+    units = UnitMap(model)
+    with torch.no_grad():  # zero what every unit of each kind sends on: unit 0 of layer 0 falls silent
+        for parameter, kind, layer, axis in units.unit_parameters():
+            one_hot = torch.zeros(units.sizes[kind])
+            one_hot[0] = 1.0
+            owned = units.parameter_scale(one_hot, kind, parameter, axis).expand_as(parameter) > 0
+            silences = (kind == "head" and axis == (0 if family == "gpt2" else 1)) or kind != "head"
+            if layer == 0 and silences:
+                parameter.masked_fill_(owned, 0.0)
+    gates = {k: v.requires_grad_(True) for k, v in units.ones().items()}
+    with units.gated(gates):
+        loss = mlm_loss(model, batch)
+    grads = dict(zip(UNIT_KINDS, torch.autograd.grad(loss, [gates[k] for k in UNIT_KINDS]), strict=True))
+    for kind in UNIT_KINDS:
+        assert grads[kind][0, 0] == 0, kind
+        assert grads[kind][0, 1:].abs().sum() > 0, kind
+
+
+def test_the_general_proxy_is_not_zero_on_a_decoder_without_dropout(decoder_dirs):
+    from accelerate import Accelerator
+
+    from cpt_bench.models import has_dropout
+    from cpt_bench.plugin import method_class
+    from cpt_bench.stage import SequenceState
+
+    from conftest import stage_state
+
+    model, tokenizer = load_lm(str(decoder_dirs["llama"]))
+    assert not has_dropout(model)  # Llama ships without dropout: two plain passes are identical
+    method = method_class("softmask")()
+    method.before_sequence(SequenceState(model, tokenizer, Accelerator(cpu=True), ["cats"], 0))
+    blocks = causal_blocks(TEXTS * 8, tokenizer, 8, "fixture")
+    state = stage_state(model, blocks, tokenizer=tokenizer)
+    raw = method._importance(state, general=True)
+    assert all(values.abs().sum() > 0 for values in raw.values())
+
+
+def test_a_decoder_family_without_a_unit_map_is_one_line_for_the_methods_that_need_one(tiny_suite, tmp_path):
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from cpt_bench.synthetic import build_tokenizer
+
+    tokenizer = build_tokenizer(sorted(set(FILLER) | set(WORDS) | {w for p in WORDS.values() for g in p for w in g}),
+                                64, causal=True)
+    folder = tmp_path / "opt"
+    config = OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                       word_embed_proj_dim=16, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    suite = decoder_suite(tiny_suite, folder)
+    for method in ("softmask", "adapter", "lora", "demix"):
+        result = run_cli("run", "--method", method, "--suite", str(suite), "--output", str(tmp_path / method))
+        assert_one_line_error(result, "'opt' has no unit map")
