@@ -341,3 +341,24 @@ def test_a_decoder_family_without_a_unit_map_is_one_line_for_the_methods_that_ne
     for method in ("softmask", "adapter", "lora", "demix"):
         result = run_cli("run", "--method", method, "--suite", str(suite), "--output", str(tmp_path / method))
         assert_one_line_error(result, "'opt' has no unit map")
+
+
+def test_das6_runs_with_a_llama_style_decoder(tmp_path, decoder_dirs, monkeypatch):
+    """The paper's suite with any causal LM: here a tiny random Llama-style config saved to a folder."""
+    from test_das6 import write_das6
+
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
+    root = write_das6(tmp_path / "data", ["acl", "restaurant"])
+    for name in ("acl", "restaurant"):  # words the tiny tokenizer knows, so DAP trains on more than [UNK]
+        corpus = root / name / "unlabeled.jsonl"
+        corpus.write_text(json.dumps({"text": "the cats was purr and the dogs was bark ."}) + "\n" +
+                          corpus.read_text())
+    result = run_cli("run", "--method", "softmask", "--suite", "das6", "--data-dir", str(root),
+                     "--order", "acl,restaurant", "--model", str(decoder_dirs["llama"]), "--steps", "2",
+                     "--eval", "final", "--set", "dap.seq_len=8", "--set", "dap.batch_size=4",
+                     "--set", "dap.grad_accum=1", "--set", "finetune.max_length=48",
+                     "--output", str(tmp_path / "runs"), "--quiet")
+    assert result.exit_code == 0, result.output
+    run = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert run["domains"] == ["acl", "restaurant"] and run["perplexity"]["objective"] == "causal"
+    assert all(0.0 <= v <= 1.0 for v in run["matrix"]["macro_f1"][-1])
