@@ -362,3 +362,13 @@ def test_das6_runs_with_a_llama_style_decoder(tmp_path, decoder_dirs, monkeypatc
     run = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert run["domains"] == ["acl", "restaurant"] and run["perplexity"]["objective"] == "causal"
     assert all(0.0 <= v <= 1.0 for v in run["matrix"]["macro_f1"][-1])
+
+
+def test_bench_times_a_decoder_against_the_trainer_with_its_causal_collator(tiny_suite, decoder_dirs, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--suite", str(tiny_suite), "--model", str(decoder_dirs["gpt2"]), "--steps", "2",
+                     "--repeats", "1", "--device", "cpu", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(out.read_text())
+    assert numbers["step_ms"]["hf_trainer"] > 0 and numbers["step_ms"]["naive"] > 0
+    assert numbers["step_ms"]["softmask"] > 0
