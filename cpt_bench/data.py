@@ -236,12 +236,26 @@ def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | 
     )
 
 
-def encode_split(tokenizer, split: EndTaskSplit, max_length: int, template: str | None = None
-                 ) -> dict[str, torch.Tensor]:
+def prompt_prefix(template: str) -> str:
+    """A decoder's prompt: the template up to its mask, which the verbalizer word continues."""
+    return template.split("{mask}")[0].rstrip()
+
+
+def encode_split(tokenizer, split: EndTaskSplit, max_length: int, template: str | None = None,
+                 causal: bool = False) -> dict[str, torch.Tensor]:
     """Tokenise (text, optional second text) pairs, right-padded to the longest and truncated to `max_length`.
 
-    With a prompt `template`, each example becomes one text holding one mask token."""
-    if template is not None:
+    With a prompt `template`, each example becomes one text holding one mask token; for a decoder (`causal`),
+    the template's text before the mask, cut from the left when too long (the end leads to the answer)."""
+    if template is not None and causal:
+        if "{text}" not in template.split("{mask}")[0]:
+            raise BadInput(f"{split.source}: a decoder's prompt needs {{text}} before {{mask}} (it predicts the "
+                           f"verbalizer word from what comes before), got {template!r}")
+        pairs = split.text_pairs or [""] * len(split.texts)
+        texts = [prompt_prefix(template).format(text=t, text_pair=p) for t, p in zip(split.texts, pairs)]
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", padding_side="right",
+                            truncation_side="left", return_tensors="pt")
+    elif template is not None:
         pairs = split.text_pairs or [""] * len(split.texts)
         texts = [template.format(text=t, text_pair=p, mask=tokenizer.mask_token) for t, p in zip(split.texts, pairs)]
         encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", padding_side="right",

@@ -81,6 +81,57 @@ class PromptClassifier(nn.Module):
                             for ids in self.label_token_ids], dim=-1)
 
 
+class CausalPromptClassifier(nn.Module):
+    """A decoder as classifier: a label's score is the log-sum-exp over its verbalizer words of the word's
+    summed next-token log-probability as the continuation of the prompt (a word may be several tokens)."""
+
+    def __init__(self, lm: nn.Module, label_continuations: list[list[list[int]]], pad_token_id: int):
+        super().__init__()
+        self.lm = lm
+        self.candidates = [(label, ids) for label, words in enumerate(label_continuations) for ids in words]
+        self.num_labels = len(label_continuations)
+        self.pad_token_id = pad_token_id
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        lengths = attention_mask.sum(-1).tolist()
+        rows = [torch.cat([ids[:length], torch.tensor(cont, device=ids.device)])
+                for ids, length in zip(input_ids, lengths) for _, cont in self.candidates]
+        width = max(len(row) for row in rows)
+        sequences = torch.full((len(rows), width), self.pad_token_id, device=input_ids.device)
+        mask = torch.zeros_like(sequences)
+        for i, row in enumerate(rows):
+            sequences[i, : len(row)], mask[i, : len(row)] = row, 1
+        hidden = encoder(self.lm)(input_ids=sequences, attention_mask=mask)[0]
+        log_probs = mlm_head(self.lm)(hidden[:, :-1]).float().log_softmax(-1)
+        token_scores = log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1)
+        # the continuation's tokens sit at positions length .. length+k-1, predicted one position earlier
+        positions = torch.arange(width - 1, device=input_ids.device)
+        starts = torch.tensor([length - 1 for length in lengths for _ in self.candidates], device=input_ids.device)
+        sizes = torch.tensor([len(cont) for _ in lengths for _, cont in self.candidates], device=input_ids.device)
+        scored = (positions >= starts[:, None]) & (positions < (starts + sizes)[:, None])
+        word_scores = (token_scores * scored).sum(-1).view(len(lengths), len(self.candidates))
+        labels = torch.tensor([label for label, _ in self.candidates], device=input_ids.device)
+        return torch.stack([torch.logsumexp(word_scores[:, labels == k], dim=-1) for k in range(self.num_labels)],
+                           dim=-1)
+
+
+def verbalizer_continuations(tokenizer, task: EndTaskData) -> list[list[list[int]]]:
+    """Each label's words as a decoder's continuation token ids: the word after the template's separator before
+    the mask (usually a space), tokenised on its own; a word of several tokens is scored by their sum."""
+    before_mask = task.template.split("{mask}")[0]
+    separator = before_mask[len(before_mask.rstrip()):]
+    out = []
+    for label in task.label_names:
+        words = []
+        for word in task.verbalizer[label]:
+            ids = tokenizer(separator + word, add_special_tokens=False)["input_ids"]
+            if not ids or tokenizer.unk_token_id in ids:
+                raise BadInput(f"end task {task.name}: verbalizer word {word!r} is not in the model's vocabulary")
+            words.append(ids)
+        out.append(words)
+    return out
+
+
 def verbalizer_token_ids(tokenizer, task: EndTaskData) -> list[list[int]]:
     """Each label's words as single vocabulary ids (a word that is not one token is an error)."""
     ids = []
@@ -100,15 +151,13 @@ def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData, lm:
     if task.evaluator == "probe" and lm is not None and not has_encoder(lm):
         raise BadInput(f"end task {task.name}: evaluator 'probe' needs a model with an encoder (bidirectional "
                        f"features to pool); {type(lm).__name__} has none")
-    if task.evaluator == "prompt" and lm is not None and is_causal_lm(lm):
-        raise BadInput(f"end task {task.name}: evaluator 'prompt' scores a mask token, which a causal LM has not; "
-                       f"use evaluator 'head' with this model")
+    causal = lm is not None and is_causal_lm(lm)
     settings = task_settings(defaults, task)
     for split in (task.train, task.dev, task.test):
         if split is not None:
-            encode_split(tokenizer, split, settings.max_length, task.template)
+            encode_split(tokenizer, split, settings.max_length, task.template, causal)
     if task.evaluator == "prompt":
-        verbalizer_token_ids(tokenizer, task)
+        (verbalizer_continuations if causal else verbalizer_token_ids)(tokenizer, task)
 
 
 def has_encoder(lm: nn.Module) -> bool:
@@ -171,8 +220,10 @@ def task_settings(defaults: FinetuneSettings, task: EndTaskData) -> FinetuneSett
 
 
 class EndTaskEvaluator:
-    def __init__(self, accelerator, tokenizer, settings: FinetuneSettings, show_progress: bool = True):
+    def __init__(self, accelerator, tokenizer, settings: FinetuneSettings, show_progress: bool = True,
+                 causal: bool = False):
         self.accelerator = accelerator
+        self.causal = causal  # a decoder: prompts are continued, not filled in
         self.tokenizer = tokenizer
         self.settings = settings
         self.show_progress = show_progress and accelerator.is_local_main_process
@@ -186,7 +237,7 @@ class EndTaskEvaluator:
             return None
         key = (task.name, which, max_length)
         if key not in self._encoded:
-            self._encoded[key] = encode_split(self.tokenizer, split, max_length, task.template)
+            self._encoded[key] = encode_split(self.tokenizer, split, max_length, task.template, self.causal)
             if task.template is None:  # a prompt that loses its mask to truncation is refused in encode_split
                 cut = count_truncated(self.tokenizer, split, max_length)
                 self.truncated.setdefault(task.name, {})[which] = cut
@@ -196,6 +247,9 @@ class EndTaskEvaluator:
         return self._encoded[key]
 
     def classifier(self, lm: nn.Module, task: EndTaskData) -> nn.Module:
+        if task.evaluator == "prompt" and self.causal:
+            return CausalPromptClassifier(copy.deepcopy(lm), verbalizer_continuations(self.tokenizer, task),
+                                          self.tokenizer.pad_token_id)
         if task.evaluator == "prompt":
             return PromptClassifier(copy.deepcopy(lm), verbalizer_token_ids(self.tokenizer, task),
                                     self.tokenizer.mask_token_id)

@@ -102,7 +102,8 @@ class SeedRun:
         """The LM on the device, the evaluator, the original model's scores; returns the newest checkpoint."""
         plan = self.plan
         self.model = copy.deepcopy(plan.original_model).to(self.accelerator.device)
-        self.evaluator = EndTaskEvaluator(self.accelerator, plan.tokenizer, plan.finetune, plan.request.show_progress)
+        self.evaluator = EndTaskEvaluator(self.accelerator, plan.tokenizer, plan.finetune, plan.request.show_progress,
+                                          causal=plan.data.causal)
         self.evaluator.stop = self.stop
         if plan.request.fresh:
             self.work.clear()

@@ -204,15 +204,64 @@ def test_a_decoder_without_an_end_of_text_token_is_one_line(decoder_dirs, tmp_pa
         load_lm(str(folder))
 
 
-def test_the_prompt_evaluator_on_a_decoder_is_one_line_before_training(tiny_suite, decoder_dirs, tmp_path):
+def _prompt_task(tokenizer, verbalizer):
+    from cpt_bench.data import EndTaskData, EndTaskSplit
+
+    split = EndTaskSplit(["the cats was", "a dogs is"], None, [1, 0], "fixture")
+    return EndTaskData("fixture", ["neg", "pos"], split, split, None, "macro", {}, evaluator="prompt",
+                       template="{text} {mask} .", verbalizer=verbalizer)
+
+
+def test_prompt_scoring_ranks_a_constructed_example_and_sums_a_multi_token_word(decoder_dirs):
+    from cpt_bench.data import encode_split
+    from cpt_bench.evaluator import CausalPromptClassifier, verbalizer_continuations
+
+    model, tokenizer = load_lm(str(decoder_dirs["gpt2"]))
+    model.eval()
+    good, very, bad = tokenizer.convert_tokens_to_ids(["good", "very", "bad"])
+    with torch.no_grad():  # every hidden state becomes the same vector, and "good" is its best continuation
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.linspace(-1, 1, model.config.n_embd))
+        model.transformer.wte.weight[good] = 8 * model.transformer.ln_f.bias
+    task = _prompt_task(tokenizer, {"neg": ["very bad"], "pos": ["good"]})
+    continuations = verbalizer_continuations(tokenizer, task)
+    assert continuations == [[[very, bad]], [[good]]]  # a two-token word is kept whole
+    batch = encode_split(tokenizer, task.test, 16, task.template, causal=True)
+    with torch.no_grad():
+        scores = CausalPromptClassifier(model, continuations, tokenizer.pad_token_id)(
+            batch["input_ids"], batch["attention_mask"])
+    assert scores.argmax(-1).tolist() == [1, 1]  # "good" wins for both examples
+    with torch.no_grad():  # the two-token word's score is the sum of its tokens' log-probabilities
+        text = tokenizer(["the cats was very bad"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        log_probs = model(input_ids=text).logits.float().log_softmax(-1)[0]
+        expected = log_probs[2, very] + log_probs[3, bad]
+    assert float(scores[0, 0]) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_the_prompt_evaluator_fine_tunes_a_decoder_end_to_end(tiny_suite, decoder_dirs, tmp_path):
+    suite = decoder_suite(tiny_suite, decoder_dirs["llama"])
+    config = yaml.safe_load(suite.read_text())
+    for domain in config["domains"]:
+        domain["end_task"].update(evaluator="prompt", prompt={
+            "template": "{text} it was {mask} .", "verbalizer": {"neg": ["bad", "very bad"], "pos": ["good"]}})
+    suite.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    result = run_cli("run", "--method", "naive", "--suite", str(suite), "--output", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    run = json.loads(next(out.glob("*.json")).read_text())
+    assert "prompt" in run["settings"]["end_tasks"]["cats"]["evaluator"]
+    assert all(0.0 <= v <= 1.0 for v in run["matrix"]["macro_f1"][-1])
+
+
+def test_a_decoders_prompt_with_the_text_after_the_mask_is_one_line(tiny_suite, decoder_dirs, tmp_path):
     suite = decoder_suite(tiny_suite, decoder_dirs["gpt2"])
     config = yaml.safe_load(suite.read_text())
     config["domains"][0]["end_task"].update(evaluator="prompt", prompt={
-        "template": "{text} it was {mask} .", "verbalizer": {"neg": ["bad"], "pos": ["good"]}})
+        "template": "{mask} : {text}", "verbalizer": {"neg": ["bad"], "pos": ["good"]}})
     suite.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     result = run_cli("run", "--method", "naive", "--suite", str(suite), "--output", str(out))
-    assert_one_line_error(result, "evaluator 'prompt'", "causal LM")
+    assert_one_line_error(result, "needs {text} before {mask}")
     assert not out.exists() or not list(out.glob("*.json"))
 
 
