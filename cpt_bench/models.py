@@ -23,6 +23,7 @@ from cpt_bench.errors import BadInput
 MODEL_ALIASES: dict[str, str] = {
     "minilm": "cpt_bench.models:minilm_dir",
     "synthetic-base": "cpt_bench.synthetic:build_base_model",
+    "synthetic-gpt": "cpt_bench.synthetic:build_base_gpt",
 }
 
 
