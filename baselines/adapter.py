@@ -22,7 +22,7 @@ from torch import nn
 from cpt_bench.adapters import DomainAdapters
 from cpt_bench.errors import BadInput
 from cpt_bench.plugin import MethodSettings, register
-from cpt_bench.units import UnitMap
+from cpt_bench.units import UnitMap, projection_features
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENTS = {"both": ("attention_out", "output_dense"), "ffn": ("output_dense",),
@@ -93,14 +93,14 @@ class Adapter(DomainAdapters):
         names = {id(m): name for name, m in model.named_modules()}
         for layer in units.layers:
             for site in PLACEMENTS[self.settings.placement]:
-                projection = getattr(layer, site)
+                (projection,) = layer.sites[site]
                 model.set_submodule(names[id(projection)], AdaptedProjection(projection))
 
     def add_adapter(self, model: nn.Module, key: str) -> None:
         s = self.settings
         for _, wrapper in adapted_projections(model):
             weight = wrapper.projection.weight
-            hidden = weight.shape[0]
+            _, hidden = projection_features(wrapper.projection)
             size = s.size or max(1, hidden // s.reduction)
             adapter = BottleneckAdapter(hidden, size, s.activation)
             wrapper.adapters[key] = adapter.to(weight.device, weight.dtype)

@@ -32,11 +32,11 @@ from torch import nn
 
 from cpt_bench.batches import masked_sample
 from cpt_bench.errors import BadInput
-from cpt_bench.models import encoder, mlm_head, mlm_loss
+from cpt_bench.models import encoder, is_causal_lm, mlm_head, mlm_loss
 from cpt_bench.plugin import Method, MethodSettings, register
 from cpt_bench.rng import derive_seed
 from cpt_bench.stage import SequenceState
-from cpt_bench.units import UnitMap
+from cpt_bench.units import UnitMap, projection_features
 
 ORIGINAL = "original"
 
@@ -93,7 +93,7 @@ class ExpertOutput(nn.Module):
             index, weight = mixture[0]
             out = self.experts[index](units)
             return out if weight == 1.0 else out * weight
-        parts = units.split(self.experts[0].in_features, dim=-1)
+        parts = units.split(projection_features(self.experts[0])[0], dim=-1)
         return sum(weight * self.experts[index](part) for (index, weight), part in zip(mixture, parts))
 
 
@@ -103,16 +103,26 @@ def install_experts(model: nn.Module) -> None:
     names = {id(module): name for name, module in model.named_modules()}
     for layer in UnitMap(model).layers:
         routing = Routing()
-        for old, wrapper in ((layer.intermediate_dense, ExpertInput), (layer.output_dense, ExpertOutput)):
+        # SwiGLU's gate and up projections are each an expert input: the experts' units line up in both
+        wrapped = [(old, ExpertInput) for old in layer.sites["intermediate_dense"]]
+        for old, wrapper in [*wrapped, (layer.output_dense, ExpertOutput)]:
             parent, _, attribute = names[id(old)].rpartition(".")
             setattr(model.get_submodule(parent), attribute, wrapper(old, routing))
 
 
-def expert_ffns(model: nn.Module) -> list[tuple[ExpertInput, ExpertOutput]]:
-    """(input, output) wrappers of each layer, in layer order."""
-    inputs = [m for m in model.modules() if isinstance(m, ExpertInput)]
-    outputs = [m for m in model.modules() if isinstance(m, ExpertOutput)]
-    return list(zip(inputs, outputs))
+def expert_ffns(model: nn.Module) -> list[tuple[nn.Module, ...]]:
+    """Each layer's expert wrappers, in layer order: its input wrapper(s) (two for SwiGLU's gate and up
+    projections), then its output wrapper; a layer's wrappers share one Routing."""
+    layers: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        if isinstance(module, ExpertInput | ExpertOutput):
+            layers.setdefault(id(module.routing), []).append(module)
+    return [tuple(sorted(sides, key=lambda m: isinstance(m, ExpertOutput))) for sides in layers.values()]
+
+
+def side_names(sides: tuple[nn.Module, ...]) -> list[str]:
+    """Checkpoint names of a layer's wrappers: input (input1, ... for more), output."""
+    return ["input", *(f"input{i}" for i in range(1, len(sides) - 1)), "output"]
 
 
 def expert_parameters(model: nn.Module, index: int) -> list[nn.Parameter]:
@@ -120,8 +130,8 @@ def expert_parameters(model: nn.Module, index: int) -> list[nn.Parameter]:
 
 
 def set_mixture(model: nn.Module, mixture: list[tuple[int, float]]) -> None:
-    for expert_in, _ in expert_ffns(model):
-        expert_in.routing.mixture = list(mixture)
+    for sides in expert_ffns(model):
+        sides[0].routing.mixture = list(mixture)
 
 
 @contextlib.contextmanager
@@ -133,8 +143,8 @@ def routed(model: nn.Module, mixture: list[tuple[int, float]]) -> Iterator[None]
     try:
         yield
     finally:
-        for (expert_in, _), mixture_before in zip(ffns, previous):
-            expert_in.routing.mixture = mixture_before
+        for sides, mixture_before in zip(ffns, previous):
+            sides[0].routing.mixture = mixture_before
 
 
 @torch.no_grad()
@@ -156,9 +166,20 @@ def pseudo_log_likelihood(model: nn.Module, input_ids: torch.Tensor, attention_m
     return total
 
 
+@torch.no_grad()
+def causal_log_likelihood(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per row: the exact log-likelihood of a decoder, sum over real tokens after the first of
+    log p(token | the tokens before it) (DEMix's own, Gururangan et al. 2022, Sec. 4)."""
+    hidden = encoder(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    log_probs = mlm_head(model)(hidden[:, :-1]).float().log_softmax(-1)
+    token_ll = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (token_ll * attention_mask[:, 1:]).sum(-1)
+
+
 @register
 class Demix(Method):
     name = "demix"
+    needs_unit_map = True
     description = ("DEMix: one FFN expert per domain, shared rest; a new expert copies the best existing "
                    "one; domain-posterior mixture for end tasks (Gururangan et al. 2022)")
     Settings = DemixSettings
@@ -275,8 +296,9 @@ class Demix(Method):
 
     # ---- posterior (DEMix's cached prior)
     def domain_posterior(self, lm: nn.Module, texts: list[str], domain_index: int) -> torch.Tensor:
-        """w_k = mean over sampled texts x of softmax_k(log P(x | k)) (uniform prior); log P(x | k) is the
-        strided pseudo-log-likelihood of x with every layer routed to expert k alone."""
+        """w_k = mean over sampled texts x of softmax_k(log P(x | k)) (uniform prior); log P(x | k) is, with every
+        layer routed to expert k alone, the strided pseudo-log-likelihood of x (an encoder) or its exact
+        log-likelihood (a decoder)."""
         s = self.settings
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "demix-posterior", domain_index))
         chosen = torch.randperm(len(texts), generator=generator)[: s.posterior_samples].tolist()
@@ -294,8 +316,9 @@ class Demix(Method):
             maskable = mask.bool() & ~encoded["special_tokens_mask"][rows].to(device).bool()
             for k in range(len(self.expert_names)):
                 with routed(lm, [(k, 1.0)]), self.accelerator.autocast():
-                    log_likelihoods[k, rows] = pseudo_log_likelihood(
-                        lm, ids, mask, maskable, self.tokenizer.mask_token_id, s.posterior_mask_every)
+                    log_likelihoods[k, rows] = causal_log_likelihood(lm, ids, mask) if is_causal_lm(lm) else \
+                        pseudo_log_likelihood(lm, ids, mask, maskable, self.tokenizer.mask_token_id,
+                                              s.posterior_mask_every)
         lm.train(was_training)
         posterior = log_likelihoods.softmax(dim=0).mean(dim=1)
         return self.accelerator.reduce(posterior, reduction="mean").cpu()
@@ -339,8 +362,8 @@ class Demix(Method):
     def state_dict(self) -> dict[str, Any]:
         experts = {}
         if self._model is not None:
-            for layer, (expert_in, expert_out) in enumerate(expert_ffns(self._model)):
-                for side_name, side in (("input", expert_in), ("output", expert_out)):
+            for layer, sides in enumerate(expert_ffns(self._model)):
+                for side_name, side in zip(side_names(sides), sides):
                     for k, expert in enumerate(side.experts):
                         for key, tensor in expert.state_dict().items():
                             experts[f"{layer}.{side_name}.{k}.{key}"] = tensor.detach().cpu().clone()
@@ -358,8 +381,8 @@ class Demix(Method):
         self._stage_name = state["stage_name"]
         self.samples = {n: [dict(b) for b in batches] for n, batches in state["samples"].items()}
         with torch.no_grad():
-            for layer, (expert_in, expert_out) in enumerate(expert_ffns(self._model)):
-                for side_name, side in (("input", expert_in), ("output", expert_out)):
+            for layer, sides in enumerate(expert_ffns(self._model)):
+                for side_name, side in zip(side_names(sides), sides):
                     while len(side.experts) < len(self.expert_names):
                         side.experts.append(copy.deepcopy(side.experts[0]))
                     for k, expert in enumerate(side.experts):

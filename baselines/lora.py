@@ -63,7 +63,10 @@ class Lora(DomainAdapters):
         units = UnitMap(model)
         sites = sorted({s for t in self.settings.targets for s in TARGET_GROUPS.get(t, (t,))})
         names = {id(m): name for name, m in model.named_modules()}
-        self.target_modules = [names[id(getattr(layer, site))] for layer in units.layers for site in sites]
+        modules = [module for layer in units.layers for site in sites for module in layer.sites[site]]
+        self.target_modules = list(dict.fromkeys(names[id(m)] for m in modules))  # GPT-2's fused Q, K, V once
+        # GPT-2's Conv1D stores its weight as [input, output]: peft must be told (it corrects it with a warning)
+        self.fan_in_fan_out = any(not isinstance(m, nn.Linear) for m in modules)
 
     def add_adapter(self, model: nn.Module, key: str) -> None:
         from peft import LoraConfig
@@ -71,7 +74,7 @@ class Lora(DomainAdapters):
 
         s = self.settings
         config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, bias="none",
-                            target_modules=list(self.target_modules))
+                            target_modules=list(self.target_modules), fan_in_fan_out=self.fan_in_fan_out)
         with warnings.catch_warnings():
             # expected: the model already holds the previous domains' adapters
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -38,7 +38,8 @@ TIE = 0.01  # criteria within 1% of the best are not told apart (their spread ov
 
 
 def dev_suite(suite_file: Path, output: Path) -> Path:
-    """A copy of the suite whose held-out corpora are the dev slices (`heldout.jsonl` -> `dev.jsonl`)."""
+    """A copy of the suite whose held-out corpora are the dev slices (`heldout.jsonl` -> `dev.jsonl`; or, for
+    held-out text cut from the corpora, the dev slice cut before it: `perplexity.score: dev`)."""
     suite = yaml.safe_load(suite_file.read_text(encoding="utf-8"))
     swapped = 0
     for holder in [*suite["domains"], suite.get("heldout_corpora") or {}]:
@@ -47,6 +48,9 @@ def dev_suite(suite_file: Path, output: Path) -> Path:
                     and value.endswith("heldout.jsonl"):
                 holder[key] = value.removesuffix("heldout.jsonl") + "dev.jsonl"
                 swapped += 1
+    if (suite.get("perplexity") or {}).get("dev_texts"):
+        suite["perplexity"]["score"] = "dev"
+        swapped += 1
     if not swapped:
         raise SystemExit(f"{suite_file}: no held-out files to swap for dev slices")
     suite["name"] = f"{suite['name']}-dev"

@@ -31,6 +31,8 @@ class DomainAdapters(Method):
     general knowledge lives in the backbone, which no stage changes. The settings need `finetune_mlm_head`.
     """
 
+    needs_unit_map = True  # adapters sit at the layers' projections, found through the unit map
+
     def __init__(self, settings: Any = None):
         super().__init__(settings)
         self.domains: list[str] = []  # the run's domains, in order

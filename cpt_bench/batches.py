@@ -1,5 +1,7 @@
-"""Masked-LM data: a corpus cut into fixed-length blocks (cached), BERT's masking, and the ways the trainer
-and the methods draw masked batches from a stage's blocks: the one place that builds them."""
+"""Language-model data: a corpus cut into fixed-length blocks (cached), BERT's masking for an encoder or the
+next tokens as labels for a decoder, and the ways the trainer and the methods draw batches from a stage's
+blocks: the one place that builds them. Either way a batch is (input_ids, attention_mask, labels) with -100
+where nothing is scored, so one loss serves both kinds of LM (`cpt_bench.models.mlm_loss`)."""
 
 from __future__ import annotations
 
@@ -21,34 +23,62 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab]).encode()).hexdigest()[:16]
 
 
+def lm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str, causal: bool = False):
+    """The corpus as fixed-length training blocks for the LM's objective (`causal`: next-token blocks)."""
+    return causal_blocks(texts, tokenizer, seq_len, corpus_id) if causal else \
+        mlm_blocks(texts, tokenizer, seq_len, corpus_id)
+
+
 def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
     """Concatenate the tokenised texts (separated by the separator token) and cut blocks of `seq_len` tokens.
 
     Every block is [CLS] + seq_len-2 tokens + [SEP], fixed length, so DAP batches carry no padding.
     Cached on disk per (corpus content, tokenizer, seq_len).
     """
-    import datasets
-    from datasets.table import InMemoryTable
-
-    content = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
-    key = f"{content}-{tokenizer_fingerprint(tokenizer)}-{seq_len}"
-    path = cache_dir() / "blocks" / key
-    if (path / "dataset_info.json").exists():
-        return datasets.load_from_disk(str(path))
-    body = seq_len - 2
-    sep = tokenizer.sep_token_id
-    cls = tokenizer.cls_token_id
-
-    def tokenize(batch):
-        return {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
+    sep, cls, body = tokenizer.sep_token_id, tokenizer.cls_token_id, seq_len - 2
 
     def group(batch):
         stream: list[int] = []
         for ids in batch["ids"]:
             stream.extend(ids)
             stream.append(sep)
-        blocks = [[cls, *stream[i:i + body], sep] for i in range(0, len(stream) - body + 1, body)]
-        return {"input_ids": blocks}
+        return {"input_ids": [[cls, *stream[i:i + body], sep] for i in range(0, len(stream) - body + 1, body)]}
+
+    return _cached_blocks(texts, tokenizer, seq_len, corpus_id, "mlm", group)
+
+
+def causal_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
+    """A decoder's packed blocks: the tokenised texts joined by the end-of-text token, cut into `seq_len` inputs
+    whose labels are the next `seq_len` tokens (block i reads stream[i·L : i·L+L] and predicts stream[i·L+1 :
+    i·L+L+1], so every token but the stream's first is a target once). No padding: every label is a real token."""
+    eos = tokenizer.eos_token_id
+
+    def group(batch):
+        stream: list[int] = []
+        for ids in batch["ids"]:
+            stream.extend(ids)
+            stream.append(eos)
+        starts = range(0, len(stream) - seq_len, seq_len)
+        return {"input_ids": [stream[i:i + seq_len] for i in starts],
+                "labels": [stream[i + 1:i + seq_len + 1] for i in starts]}
+
+    return _cached_blocks(texts, tokenizer, seq_len, corpus_id, "causal", group)
+
+
+def _cached_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str, kind: str, group):
+    """Tokenise (no special tokens), `group` the whole corpus into blocks, cache on disk per (content, tokenizer,
+    seq_len, kind)."""
+    import datasets
+    from datasets.table import InMemoryTable
+
+    content = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+    key = f"{content}-{tokenizer_fingerprint(tokenizer)}-{seq_len}" + ("" if kind == "mlm" else f"-{kind}")
+    path = cache_dir() / "blocks" / key
+    if (path / "dataset_info.json").exists():
+        return datasets.load_from_disk(str(path))
+
+    def tokenize(batch):
+        return {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
 
     # fingerprints from our own key: datasets would otherwise pickle the table and the tokenizer to hash them,
     # which fails on some Python/pyarrow/dill combinations (seen with Python 3.12) and costs time anyway
@@ -67,10 +97,11 @@ def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
 
 class MaskingCollator:
     """BERT's masking: choose `probability` of the non-special, non-padding tokens; of those 80% become
-    [MASK], 10% a random token, 10% stay. Labels are -100 everywhere else."""
+    [MASK], 10% a random token, 10% stay. Labels are -100 everywhere else. Blocks that carry their own labels
+    (a decoder's next tokens) are batched as they are: nothing is masked and the generator is not drawn from."""
 
     def __init__(self, tokenizer, probability: float = 0.15, generator: torch.Generator | None = None):
-        self.mask_id = tokenizer.mask_token_id
+        self.mask_id = tokenizer.mask_token_id  # None for a decoder, whose blocks carry labels
         self.vocab_size = len(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.pad_id = tokenizer.pad_token_id
@@ -78,9 +109,13 @@ class MaskingCollator:
         self.generator = generator
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = torch.tensor([len(e["input_ids"]) for e in examples])
         input_ids = _pad([torch.as_tensor(e["input_ids"]) for e in examples], self.pad_id)
-        attention_mask = (input_ids != self.pad_id).long() if self.pad_id is not None else \
-            torch.ones_like(input_ids)
+        # real tokens by length, not by id: a decoder pads with its end-of-text token, which is also real text
+        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        if "labels" in examples[0]:
+            labels = _pad([torch.as_tensor(e["labels"]) for e in examples], -100)
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         inputs, labels = self.mask(input_ids)
         return {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
 

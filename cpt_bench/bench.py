@@ -98,7 +98,8 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if split_kind(kind)[0] == "hf_trainer":
         with _profiled(request.profile, accelerator.device, extra):
-            stamps = _hf_trainer_steps(model, plan.tokenizer, blocks, settings, accelerator.device)
+            stamps = _hf_trainer_steps(model, plan.tokenizer, blocks, settings, accelerator.device,
+                                       causal=plan.data.causal)
     else:
         method = plan.method_cls(plan.method_settings)
         original_step = method.after_optimizer_step
@@ -217,8 +218,9 @@ def _measure_in_process(kind: str, request: BenchRequest) -> dict[str, Any]:
         out.unlink(missing_ok=True)
 
 
-def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]:
-    """Per-step end times of `transformers.Trainer` on the same blocks (its own collator and loss)."""
+def _hf_trainer_steps(model, tokenizer, blocks, settings, device, causal: bool = False) -> list[float]:
+    """Per-step end times of `transformers.Trainer` on the same blocks (its own collator and loss: masked LM,
+    or for a decoder `DataCollatorForLanguageModeling(mlm=False)`, which shifts inside the model)."""
     import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
@@ -240,8 +242,10 @@ def _hf_trainer_steps(model, tokenizer, blocks, settings, device) -> list[float]
             disable_tqdm=True, use_cpu=device.type == "cpu", bf16=settings.precision == "bf16",
             fp16=settings.precision == "fp16", dataloader_num_workers=0, seed=0,
             torch_compile=settings.compile)
-        trainer = Trainer(model=model, args=arguments, train_dataset=blocks,
-                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
+        if causal:  # the Trainer's collator makes its own labels from the inputs
+            blocks = blocks.remove_columns(["labels"])
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=not causal, mlm_probability=0.15)
+        trainer = Trainer(model=model, args=arguments, train_dataset=blocks, data_collator=collator,
                           callbacks=[StepClock()])
         trainer.train()
     return stamps

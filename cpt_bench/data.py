@@ -123,6 +123,7 @@ class EndTaskData:
     evaluator: str = "head"
     template: str | None = None
     verbalizer: dict[str, list[str]] | None = None
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # examples used per split (after sampling)
 
 
 def read_end_task_split(source: Source, task: EndTask, data_dir: Path | None, limit: int | None,
@@ -167,31 +168,94 @@ def read_verbalizer(task: EndTask, data_dir: Path | None, name: str) -> dict[str
     return {label: list(verbalizer[label]) for label in task.labels}
 
 
+def stratified_sample(labels: list[int], size: int, seed: int) -> list[int]:
+    """The (sorted) indices of a sample of `size` examples whose label counts follow the split's: every class
+    gets at least one example (up to `size` classes), the rest is shared in proportion by largest remainder,
+    and which examples of a class are drawn depends only on `seed`. A split no larger than `size` is kept whole."""
+    if size >= len(labels):
+        return list(range(len(labels)))
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    classes = sorted(by_class, key=lambda c: (-len(by_class[c]), c))  # the largest classes first
+    quota = {c: 1 if rank < size else 0 for rank, c in enumerate(classes)}
+    left = size - sum(quota.values())
+    room = {c: len(by_class[c]) - quota[c] for c in classes}
+    share = {c: left * room[c] / max(1, sum(room.values())) for c in classes}
+    for c in classes:
+        quota[c] += int(share[c])
+    by_remainder = sorted(classes, key=lambda c: (-(share[c] - int(share[c])), classes.index(c)))
+    for c in by_remainder[: size - sum(quota.values())]:
+        quota[c] += 1
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in sorted(by_class):
+        order = torch.randperm(len(by_class[c]), generator=generator)[: quota[c]]
+        chosen.extend(by_class[c][i] for i in order.tolist())
+    return sorted(chosen)
+
+
+def split_rows(split: EndTaskSplit, rows: list[int]) -> EndTaskSplit:
+    """The given rows of a split (in the order given)."""
+    return EndTaskSplit([split.texts[i] for i in rows], split.text_pairs and [split.text_pairs[i] for i in rows],
+                        [split.labels[i] for i in rows], split.source)
+
+
 def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | None) -> EndTaskData:
     prompt = task.prompt if task.evaluator == "prompt" else None
-    dev = task.dev
-    if task.dev_optional and isinstance(dev, str) and not resolve_path(dev, data_dir).exists():
-        dev = None  # e.g. SemEval-14 restaurant ships no dev split: no model selection for it
+    dev_source = task.dev
+    if task.dev_optional and isinstance(dev_source, str) and not resolve_path(dev_source, data_dir).exists():
+        dev_source = None  # e.g. SemEval-14 restaurant ships no dev split: no model selection for it, unless ...
+    train = read_end_task_split(task.train, task, data_dir, limit, f"{name} train")
+    test = read_end_task_split(task.test, task, data_dir, limit, f"{name} test")
+    dev = read_end_task_split(dev_source, task, data_dir, limit, f"{name} dev") if dev_source else None
+    if dev is None and task.dev_from_train:  # ... the suite carves a dev split out of train
+        if task.dev_from_train >= len(train.labels):
+            raise BadInput(f"end task {name}: dev_from_train={task.dev_from_train} leaves no training example "
+                           f"({len(train.labels)} in {train.source})")
+        dev_rows = stratified_sample(train.labels, task.dev_from_train, task.sample_seed)
+        taken = set(dev_rows)
+        dev = dataclasses.replace(split_rows(train, dev_rows), source=f"{train.source} ({len(dev_rows)} held out)")
+        train = split_rows(train, [i for i in range(len(train.labels)) if i not in taken])
+    splits = {"train": train, "dev": dev, "test": test}
+    for which, size in task.subsample.items():
+        if splits[which] is not None:  # a split smaller than its size is used whole (its size is recorded)
+            splits[which] = split_rows(splits[which], stratified_sample(splits[which].labels, size, task.sample_seed))
     return EndTaskData(
         name=name,
         label_names=list(task.labels),
-        train=read_end_task_split(task.train, task, data_dir, limit, f"{name} train"),
-        test=read_end_task_split(task.test, task, data_dir, limit, f"{name} test"),
-        dev=read_end_task_split(dev, task, data_dir, limit, f"{name} dev") if dev else None,
+        train=splits["train"],
+        test=splits["test"],
+        dev=splits["dev"],
         average=task.average,
         finetune_overrides=dict(task.finetune),
         evaluator=task.evaluator,
         template=prompt.template if prompt else None,
         verbalizer=read_verbalizer(task, data_dir, name) if prompt else None,
+        sizes={which: len(split.labels) for which, split in splits.items() if split is not None},
     )
 
 
-def encode_split(tokenizer, split: EndTaskSplit, max_length: int, template: str | None = None
-                 ) -> dict[str, torch.Tensor]:
+def prompt_prefix(template: str) -> str:
+    """A decoder's prompt: the template up to its mask, which the verbalizer word continues."""
+    return template.split("{mask}")[0].rstrip()
+
+
+def encode_split(tokenizer, split: EndTaskSplit, max_length: int, template: str | None = None,
+                 causal: bool = False) -> dict[str, torch.Tensor]:
     """Tokenise (text, optional second text) pairs, right-padded to the longest and truncated to `max_length`.
 
-    With a prompt `template`, each example becomes one text holding one mask token."""
-    if template is not None:
+    With a prompt `template`, each example becomes one text holding one mask token; for a decoder (`causal`),
+    the template's text before the mask, cut from the left when too long (the end leads to the answer)."""
+    if template is not None and causal:
+        if "{text}" not in template.split("{mask}")[0]:
+            raise BadInput(f"{split.source}: a decoder's prompt needs {{text}} before {{mask}} (it predicts the "
+                           f"verbalizer word from what comes before), got {template!r}")
+        pairs = split.text_pairs or [""] * len(split.texts)
+        texts = [prompt_prefix(template).format(text=t, text_pair=p) for t, p in zip(split.texts, pairs)]
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", padding_side="right",
+                            truncation_side="left", return_tensors="pt")
+    elif template is not None:
         pairs = split.text_pairs or [""] * len(split.texts)
         texts = [template.format(text=t, text_pair=p, mask=tokenizer.mask_token) for t, p in zip(split.texts, pairs)]
         encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", padding_side="right",

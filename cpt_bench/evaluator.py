@@ -1,5 +1,7 @@
 """The uniform end-task evaluator: a fresh classification head on a copy of the LM's encoder, fine-tuned
-with the task's settings, model selection on dev when there is one, test macro-F1 and accuracy."""
+with the task's settings, model selection on dev when there is one, test macro-F1 and accuracy. A task may
+instead choose `evaluator: probe`: a linear probe on the frozen encoder, much cheaper and not the paper's
+protocol (`probe_scores`)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import torch
 from torch import nn
 
 from cpt_bench.checkpoint import StopRequested
-from cpt_bench.data import EndTaskData, count_truncated, encode_split
+from cpt_bench.data import EndTaskData, count_truncated, encode_split, stratified_sample
 from cpt_bench.errors import BadInput
-from cpt_bench.models import encoder, mlm_head
+from cpt_bench.models import encoder, is_causal_lm, mlm_head
 from cpt_bench.optim import adamw, linear_schedule
 from cpt_bench.progress import progress_bar
 from cpt_bench.settings import FinetuneSettings, build
@@ -39,11 +41,13 @@ def score(predictions: list[int], references: list[int], num_labels: int, averag
 
 
 class SequenceClassifier(nn.Module):
-    """Encoder + a fresh head on the first token (dense, tanh, linear: the RoBERTa classification head)."""
+    """Body + a fresh head (dense, tanh, linear: the RoBERTa classification head) on the first token of an
+    encoder, or on the last real token of a decoder (the only one that has read the whole text; right padding)."""
 
-    def __init__(self, body: nn.Module, hidden_size: int, num_labels: int, dropout: float):
+    def __init__(self, body: nn.Module, hidden_size: int, num_labels: int, dropout: float, last_token: bool = False):
         super().__init__()
         self.body = body
+        self.last_token = last_token
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.out = nn.Linear(hidden_size, num_labels)
@@ -52,8 +56,12 @@ class SequenceClassifier(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        first = self.body(**inputs)[0][:, 0]
-        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(first)))))
+        hidden = self.body(**inputs)[0]
+        if self.last_token:
+            pooled = hidden[torch.arange(len(hidden), device=hidden.device), attention_mask.sum(-1) - 1]
+        else:
+            pooled = hidden[:, 0]
+        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
 
 
 class PromptClassifier(nn.Module):
@@ -73,6 +81,57 @@ class PromptClassifier(nn.Module):
                             for ids in self.label_token_ids], dim=-1)
 
 
+class CausalPromptClassifier(nn.Module):
+    """A decoder as classifier: a label's score is the log-sum-exp over its verbalizer words of the word's
+    summed next-token log-probability as the continuation of the prompt (a word may be several tokens)."""
+
+    def __init__(self, lm: nn.Module, label_continuations: list[list[list[int]]], pad_token_id: int):
+        super().__init__()
+        self.lm = lm
+        self.candidates = [(label, ids) for label, words in enumerate(label_continuations) for ids in words]
+        self.num_labels = len(label_continuations)
+        self.pad_token_id = pad_token_id
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        lengths = attention_mask.sum(-1).tolist()
+        rows = [torch.cat([ids[:length], torch.tensor(cont, device=ids.device)])
+                for ids, length in zip(input_ids, lengths) for _, cont in self.candidates]
+        width = max(len(row) for row in rows)
+        sequences = torch.full((len(rows), width), self.pad_token_id, device=input_ids.device)
+        mask = torch.zeros_like(sequences)
+        for i, row in enumerate(rows):
+            sequences[i, : len(row)], mask[i, : len(row)] = row, 1
+        hidden = encoder(self.lm)(input_ids=sequences, attention_mask=mask)[0]
+        log_probs = mlm_head(self.lm)(hidden[:, :-1]).float().log_softmax(-1)
+        token_scores = log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1)
+        # the continuation's tokens sit at positions length .. length+k-1, predicted one position earlier
+        positions = torch.arange(width - 1, device=input_ids.device)
+        starts = torch.tensor([length - 1 for length in lengths for _ in self.candidates], device=input_ids.device)
+        sizes = torch.tensor([len(cont) for _ in lengths for _, cont in self.candidates], device=input_ids.device)
+        scored = (positions >= starts[:, None]) & (positions < (starts + sizes)[:, None])
+        word_scores = (token_scores * scored).sum(-1).view(len(lengths), len(self.candidates))
+        labels = torch.tensor([label for label, _ in self.candidates], device=input_ids.device)
+        return torch.stack([torch.logsumexp(word_scores[:, labels == k], dim=-1) for k in range(self.num_labels)],
+                           dim=-1)
+
+
+def verbalizer_continuations(tokenizer, task: EndTaskData) -> list[list[list[int]]]:
+    """Each label's words as a decoder's continuation token ids: the word after the template's separator before
+    the mask (usually a space), tokenised on its own; a word of several tokens is scored by their sum."""
+    before_mask = task.template.split("{mask}")[0]
+    separator = before_mask[len(before_mask.rstrip()):]
+    out = []
+    for label in task.label_names:
+        words = []
+        for word in task.verbalizer[label]:
+            ids = tokenizer(separator + word, add_special_tokens=False)["input_ids"]
+            if not ids or tokenizer.unk_token_id in ids:
+                raise BadInput(f"end task {task.name}: verbalizer word {word!r} is not in the model's vocabulary")
+            words.append(ids)
+        out.append(words)
+    return out
+
+
 def verbalizer_token_ids(tokenizer, task: EndTaskData) -> list[list[int]]:
     """Each label's words as single vocabulary ids (a word that is not one token is an error)."""
     ids = []
@@ -87,14 +146,62 @@ def verbalizer_token_ids(tokenizer, task: EndTaskData) -> list[list[int]]:
     return ids
 
 
-def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData) -> None:
+def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData, lm: nn.Module | None = None) -> None:
     """Fail early (before any training) on settings or inputs the evaluator cannot use."""
+    if task.evaluator == "probe" and lm is not None and not has_encoder(lm):
+        raise BadInput(f"end task {task.name}: evaluator 'probe' needs a model with an encoder (bidirectional "
+                       f"features to pool); {type(lm).__name__} has none")
+    causal = lm is not None and is_causal_lm(lm)
     settings = task_settings(defaults, task)
     for split in (task.train, task.dev, task.test):
         if split is not None:
-            encode_split(tokenizer, split, settings.max_length, task.template)
+            encode_split(tokenizer, split, settings.max_length, task.template, causal)
     if task.evaluator == "prompt":
-        verbalizer_token_ids(tokenizer, task)
+        (verbalizer_continuations if causal else verbalizer_token_ids)(tokenizer, task)
+
+
+def has_encoder(lm: nn.Module) -> bool:
+    """Whether the LM's body is a bidirectional encoder (a decoder's causal features are not what the probe pools)."""
+    return not is_causal_lm(lm) and not getattr(getattr(lm, "config", None), "is_decoder", False) and \
+        encoder(lm) is not lm
+
+
+# the probe's regularisation grid (inverse strength C of scikit-learn's LogisticRegression), chosen on dev
+PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+PROBE_DEV_FRACTION = 0.2  # of train, held out to choose C when the task has no dev split
+
+
+def probe_scores(features: dict[str, torch.Tensor], labels: dict[str, list[int]], task: EndTaskData, seed: int
+                 ) -> dict[str, float]:
+    """A logistic-regression head on frozen features: C chosen by dev macro-F1 (the smallest C wins ties; with
+    no dev split, on a stratified fifth of train, then refitted on all of train), test scores of that model."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, train_y = features["train"].double().numpy(), labels["train"]
+    if "dev" in features:
+        fit_x, fit_y, dev_x, dev_y = train_x, train_y, features["dev"].double().numpy(), labels["dev"]
+    else:
+        dev_rows = stratified_sample(train_y, max(1, int(PROBE_DEV_FRACTION * len(train_y))), seed)
+        held = set(dev_rows)
+        fit_rows = [i for i in range(len(train_y)) if i not in held]
+        fit_x, fit_y = train_x[fit_rows], [train_y[i] for i in fit_rows]
+        dev_x, dev_y = train_x[dev_rows], [train_y[i] for i in dev_rows]
+
+    def fitted(x, y, c):
+        scaler = StandardScaler().fit(x)
+        head = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(x), y)
+        return lambda z: head.predict(scaler.transform(z)).tolist()
+
+    if len(set(fit_y)) < 2 or len(set(train_y)) < 2:  # one class to learn: predict it (no model to fit)
+        majority = max(set(train_y), key=train_y.count)
+        return score([majority] * len(labels["test"]), labels["test"], len(task.label_names), task.average)
+    dev_f1 = [score(fitted(fit_x, fit_y, c)(dev_x), dev_y, len(task.label_names), task.average)["macro_f1"]
+              for c in PROBE_C_GRID]
+    best = PROBE_C_GRID[dev_f1.index(max(dev_f1))]
+    predict = fitted(train_x, train_y, best)
+    test = score(predict(features["test"].double().numpy()), labels["test"], len(task.label_names), task.average)
+    return {**test, "probe_c": best}
 
 
 def trimmed(split: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,8 +220,10 @@ def task_settings(defaults: FinetuneSettings, task: EndTaskData) -> FinetuneSett
 
 
 class EndTaskEvaluator:
-    def __init__(self, accelerator, tokenizer, settings: FinetuneSettings, show_progress: bool = True):
+    def __init__(self, accelerator, tokenizer, settings: FinetuneSettings, show_progress: bool = True,
+                 causal: bool = False):
         self.accelerator = accelerator
+        self.causal = causal  # a decoder: prompts are continued, not filled in
         self.tokenizer = tokenizer
         self.settings = settings
         self.show_progress = show_progress and accelerator.is_local_main_process
@@ -128,7 +237,7 @@ class EndTaskEvaluator:
             return None
         key = (task.name, which, max_length)
         if key not in self._encoded:
-            self._encoded[key] = encode_split(self.tokenizer, split, max_length, task.template)
+            self._encoded[key] = encode_split(self.tokenizer, split, max_length, task.template, self.causal)
             if task.template is None:  # a prompt that loses its mask to truncation is refused in encode_split
                 cut = count_truncated(self.tokenizer, split, max_length)
                 self.truncated.setdefault(task.name, {})[which] = cut
@@ -138,16 +247,21 @@ class EndTaskEvaluator:
         return self._encoded[key]
 
     def classifier(self, lm: nn.Module, task: EndTaskData) -> nn.Module:
+        if task.evaluator == "prompt" and self.causal:
+            return CausalPromptClassifier(copy.deepcopy(lm), verbalizer_continuations(self.tokenizer, task),
+                                          self.tokenizer.pad_token_id)
         if task.evaluator == "prompt":
             return PromptClassifier(copy.deepcopy(lm), verbalizer_token_ids(self.tokenizer, task),
                                     self.tokenizer.mask_token_id)
         config = lm.config
         return SequenceClassifier(copy.deepcopy(encoder(lm)), config.hidden_size, len(task.label_names),
-                                  getattr(config, "hidden_dropout_prob", 0.1))
+                                  getattr(config, "hidden_dropout_prob", 0.1), last_token=is_causal_lm(lm))
 
     def evaluate(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
-        """Fine-tune a copy of `lm` (its encoder with a fresh head, or the whole LM through a prompt) on `task`;
-        return test scores."""
+        """Fine-tune a copy of `lm` (its encoder with a fresh head, or the whole LM through a prompt) on `task`,
+        or fit a linear probe on its frozen features; return test scores."""
+        if task.evaluator == "probe":
+            return self.probe(lm, task, seed)
         s = task_settings(self.settings, task)
         device = self.accelerator.device
         started = time.perf_counter()
@@ -196,6 +310,34 @@ class EndTaskEvaluator:
         if best_state is not None:
             model.load_state_dict(best_state)
         return {**self._scores(model, test, task), "seconds": round(time.perf_counter() - started, 3)}
+
+    @torch.no_grad()
+    def features(self, lm: nn.Module, split: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean over real tokens of the encoder's last hidden states, one row per example (dropout off)."""
+        body = encoder(lm)
+        was_training = body.training
+        body.eval()
+        rows = []
+        batch_size = max(64, self.settings.batch_size)
+        for start in range(0, len(split["labels"]), batch_size):
+            batch = trimmed(split, torch.arange(start, min(start + batch_size, len(split["labels"]))))
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+            with self.accelerator.autocast():
+                hidden = body(**inputs)[0].float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            rows.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
+        body.train(was_training)
+        return torch.cat(rows)
+
+    def probe(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
+        started = time.perf_counter()
+        max_length = task_settings(self.settings, task).max_length
+        splits = {which: self._split(task, which, max_length) for which in ("train", "dev", "test")}
+        splits = {which: split for which, split in splits.items() if split is not None}
+        features = {which: self.features(lm, split) for which, split in splits.items()}
+        labels = {which: split["labels"].tolist() for which, split in splits.items()}
+        return {**probe_scores(features, labels, task, seed), "seconds": round(time.perf_counter() - started, 3)}
 
     @torch.no_grad()
     def _scores(self, model: nn.Module, split: dict[str, torch.Tensor], task: EndTaskData) -> dict[str, float]:

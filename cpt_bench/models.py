@@ -1,4 +1,6 @@
-"""Loading masked-LM checkpoints (hub id, local dir, or registered alias) and the masked-position MLM loss."""
+"""Loading language-model checkpoints (hub id, local dir, or registered alias): masked LMs (encoders) and causal
+LMs (decoders), and the loss both are trained with: cross-entropy at the labelled positions of a batch (masked
+positions for an encoder, every next token for a decoder: `cpt_bench.batches`)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from cpt_bench.errors import BadInput
 MODEL_ALIASES: dict[str, str] = {
     "minilm": "cpt_bench.models:minilm_dir",
     "synthetic-base": "cpt_bench.synthetic:build_base_model",
+    "synthetic-gpt": "cpt_bench.synthetic:build_base_gpt",
 }
 
 
@@ -46,11 +49,37 @@ def resolve_model_dir(name: str, data_dir: Path | None = None) -> str:
     return str(getattr(importlib.import_module(module), function)(data_dir))
 
 
-def load_masked_lm(name: str, trust_remote_code: bool = False, data_dir: Path | None = None):
-    """(model, tokenizer) for a hub id, a local directory or an alias; a one-line BadInput otherwise.
+def lm_kind(config) -> str:
+    """"masked" or "causal": which objective a checkpoint is trained with (a family that has both heads, such as
+    BERT, is an encoder here); a one-line BadInput for a checkpoint that is neither."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise BadInput(f"a {model_type!r} checkpoint is neither a masked nor a causal LM")
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether a loaded LM is a decoder trained on next tokens (its checkpoint's kind, as `load_lm` loads it)."""
+    config = getattr(model, "config", None)
+    try:
+        return config is not None and lm_kind(config) == "causal"
+    except BadInput:
+        return False
+
+
+def load_lm(name: str, trust_remote_code: bool = False, data_dir: Path | None = None):
+    """(model, tokenizer) for a hub id, a local directory or an alias: a masked LM, or a causal LM (whose
+    tokenizer pads with its end-of-text token when it has no pad token); a one-line BadInput otherwise.
 
     A checkpoint's own Python code (`trust_remote_code`) runs only when the user asked for it."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     location = resolve_model_dir(name, data_dir)
@@ -63,16 +92,21 @@ def load_masked_lm(name: str, trust_remote_code: bool = False, data_dir: Path | 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised head" warnings are expected for encoder-only weights
+    source = str(path) if is_local else location
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if is_local else location,
-                                                  trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        try:
+            kind = lm_kind(config)
+        except BadInput as error:
+            raise BadInput(f"model {name!r}: {error}") from None
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        auto_class = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
         # weights the checkpoint lacks (e.g. an MLM head) are drawn from a fixed seed: every run and every
         # method starts from the same model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model, loading = AutoModelForMaskedLM.from_pretrained(str(path) if is_local else location,
-                                                                  output_loading_info=True,
-                                                                  trust_remote_code=trust_remote_code)
+            model, loading = auto_class.from_pretrained(source, output_loading_info=True,
+                                                        trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
         if is_local:
             raise BadInput(f"model {name!r}: cannot load {path} ({str(error).splitlines()[0][:160]})") from None
@@ -82,8 +116,14 @@ def load_masked_lm(name: str, trust_remote_code: bool = False, data_dir: Path | 
         raise BadInput(f"model {name!r}: {why}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if tokenizer.mask_token_id is None:
+    if kind == "masked" and tokenizer.mask_token_id is None:
         raise BadInput(f"model {name!r}: its tokenizer has no mask token, so it cannot be MLM-trained")
+    if kind == "causal":
+        if tokenizer.eos_token_id is None:  # packing separates texts with it, and padding falls back to it
+            raise BadInput(f"model {name!r}: its tokenizer has no end-of-text token to separate packed texts")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of every loss and score
+        tokenizer.padding_side = "right"
     report_new_weights(name, model, loading.get("missing_keys", []))
     return model, tokenizer
 
@@ -104,17 +144,25 @@ def report_new_weights(name: str, model: nn.Module, missing_keys) -> None:
           file=sys.stderr, flush=True)
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether training mode makes two passes differ: a dropout module or an attention dropout rate above 0
+    (many decoders ship with none)."""
+    return any((isinstance(m, nn.Dropout) and m.p > 0) or float(getattr(m, "attention_dropout", 0) or 0) > 0
+               for m in model.modules())
+
+
 def mlm_head(model: nn.Module) -> nn.Module:
-    """The module mapping hidden states to vocabulary logits (BERT `cls`, RoBERTa `lm_head`, ...)."""
-    for attribute in ("cls", "lm_head", "generator_lm_head", "predictions"):
+    """The LM head, mapping hidden states to vocabulary logits: an encoder's MLM head (BERT `cls`, RoBERTa
+    `lm_head`, ...) or a decoder's next-token head (GPT-2 and Llama `lm_head`, GPT-NeoX `embed_out`)."""
+    for attribute in ("cls", "lm_head", "generator_lm_head", "predictions", "embed_out"):
         head = getattr(model, attribute, None)
         if isinstance(head, nn.Module):
             return head
-    raise BadInput(f"model {type(model).__name__} has no recognised MLM head")
+    raise BadInput(f"model {type(model).__name__} has no recognised LM head")
 
 
 def encoder(model: nn.Module) -> nn.Module:
-    """The transformer body below the MLM head (`model.base_model`)."""
+    """The transformer body below the LM head (`model.base_model`; a decoder's too, despite the name)."""
     return model.base_model
 
 

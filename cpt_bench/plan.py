@@ -15,15 +15,16 @@ from typing import Any
 import torch
 
 from cpt_bench.audit import NGRAM, cached_audit, decontaminate, warnings
-from cpt_bench.batches import mlm_blocks
+from cpt_bench.batches import lm_blocks
 from cpt_bench.data import read_corpus, read_end_task
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import check_end_task
-from cpt_bench.models import load_masked_lm
+from cpt_bench.models import is_causal_lm, load_lm
 from cpt_bench.plugin import Method, method_class
 from cpt_bench.settings import DataSettings, override, parse_set_options
 from cpt_bench.suite import Suite, load_suite
 from cpt_bench.synthetic import materialise
+from cpt_bench.units import UnitMap
 
 
 @dataclasses.dataclass
@@ -82,11 +83,14 @@ class RunPlan:
 def plan_run(request: RunRequest) -> RunPlan:
     """Check every option before any work: unknown names, bad orders, bad settings are BadInput."""
     plan = plan_data(request)
-    plan.original_model, plan.tokenizer = load_masked_lm(plan.model_name, request.trust_remote_code, plan.data_dir)
+    plan.original_model, plan.tokenizer = load_lm(plan.model_name, request.trust_remote_code, plan.data_dir)
     plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
+    plan.data.causal = is_causal_lm(plan.original_model)  # the objective follows the model: next-token blocks
+    if plan.method_cls.needs_unit_map:
+        UnitMap(plan.original_model)  # a family without one is refused here, before any training
     for task in plan.data.tasks + plan.data.probes:
-        check_end_task(plan.tokenizer, plan.finetune, task)
+        check_end_task(plan.tokenizer, plan.finetune, task, plan.original_model)
     for corpus in plan.data.heldout:  # tokenised now: a held-out text too short for one block fails early
         plan.data.heldout_blocks(corpus, plan.dap.seq_len, plan.suite.perplexity.blocks)
     for line in warnings(plan.data.audit):
@@ -186,14 +190,13 @@ class LoadedData:
         self.corpora: dict[str, Any] = {}
         self.tasks = []
         self.heldout: dict[str, tuple[list[str], str]] = {}  # corpus name -> held-out texts for perplexity
-        cut = suite.perplexity.heldout_texts if suite.perplexity.blocks else 0
         for name in plan.domains:
             domain = suite.domain(name)
             texts, where = read_corpus(domain.corpus, domain.corpus_field, plan.data_dir, limit)
             if domain.heldout is not None:
                 self.heldout[name] = read_corpus(domain.heldout, domain.corpus_field, plan.data_dir, limit)
-            elif cut and len(texts) >= 4 * cut:  # hold out the corpus's last texts (never trained on)
-                texts, self.heldout[name] = texts[:-cut], (texts[-cut:], f"{where} (last {cut} texts)")
+            else:
+                texts = self.hold_out(name, texts, where, suite.perplexity)
             self.corpora[name] = (texts, where)
             self.tasks.append(read_end_task(name, domain.end_task, plan.data_dir, limit))
         self.probes = [read_end_task(p.name, p.end_task, plan.data_dir, limit) for p in suite.probes]
@@ -211,7 +214,23 @@ class LoadedData:
                     raise BadInput(f"data.decontaminate: every text of the corpus {where} overlaps a test text")
                 self.corpora[name] = (kept, where)
         self.tokenizer = None  # set once the model is loaded
+        self.causal = False  # a decoder's next-token blocks (set once the model is loaded)
         self._blocks: dict[str, Any] = {}
+
+    def hold_out(self, name: str, texts: list[str], where: str, settings) -> list[str]:
+        """Cut a corpus's last texts off as its held-out text (and, before them, its dev slice) for the perplexity
+        matrix; returns what DAP trains on: the rest, less any text that is also a held-out or dev text (a
+        duplicate line would otherwise be trained on and scored)."""
+        cut, dev = (settings.heldout_texts, settings.dev_texts) if settings.blocks else (0, 0)
+        if not cut or len(texts) < 4 * (cut + dev):
+            return texts
+        heldout, dev_slice = texts[len(texts) - cut:], texts[len(texts) - cut - dev: len(texts) - cut]
+        if settings.score == "dev" and dev_slice:
+            self.heldout[name] = (dev_slice, f"{where} (dev slice: {dev} texts before the last {cut})")
+        else:
+            self.heldout[name] = (heldout, f"{where} (last {cut} texts)")
+        scored = set(heldout) | set(dev_slice)
+        return [text for text in texts[: len(texts) - cut - dev] if text not in scored]
 
     def end_task_splits(self) -> dict[tuple[str, str], list[str]]:
         """Every split's texts of the end tasks and probes, by (task, split)."""
@@ -228,7 +247,7 @@ class LoadedData:
     def blocks(self, corpus: str, seq_len: int):
         if corpus not in self._blocks:
             texts, where = self.corpora[corpus]
-            self._blocks[corpus] = mlm_blocks(texts, self.tokenizer, seq_len, where)
+            self._blocks[corpus] = lm_blocks(texts, self.tokenizer, seq_len, where, self.causal)
         return self._blocks[corpus]
 
     def heldout_blocks(self, corpus: str, seq_len: int, count: int):
@@ -236,7 +255,7 @@ class LoadedData:
         key = f"heldout:{corpus}"
         if key not in self._blocks:
             texts, where = self.heldout[corpus]
-            blocks = mlm_blocks(texts, self.tokenizer, seq_len, where)
+            blocks = lm_blocks(texts, self.tokenizer, seq_len, where, self.causal)
             self._blocks[key] = blocks.select(range(min(count, len(blocks))))
         return self._blocks[key]
 

@@ -61,6 +61,9 @@ class Method:
     description: ClassVar[str] = ""  # one line for `cpt-bench list methods`
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
     trains_lm: ClassVar[bool] = True  # False: no DAP at all (the `base` reference)
+    # True: acts on attention heads and FFN neurons (cpt_bench.units), so a model family without a unit map is
+    # refused when the run is planned, before any training
+    needs_unit_map: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings | None = None):
         self.settings = settings if settings is not None else self.Settings()

@@ -89,6 +89,7 @@ def configuration_settings(result: dict[str, Any]) -> dict[str, Any]:
     for task in (settings.get("end_tasks") or {}).values():
         if isinstance(task, dict):
             task.pop("truncated_examples", None)
+            task.pop("examples", None)  # split sizes: what the data gave, recorded beside the settings
     for block, cls in (("dap", DapSettings), ("finetune", FinetuneSettings)):
         if isinstance(settings.get(block), dict):
             settings[block] = _with_absent_settings(cls, settings[block])
@@ -170,7 +171,7 @@ class RunProgress:
 
     matrices: dict[str, list[list[float | None]]]  # metric -> rows evaluated so far
     probes: dict[str, dict[str, Any]]  # probe -> {base, stages}
-    perplexity: dict[str, Any]  # {corpora, blocks, base, stages}
+    perplexity: dict[str, Any]  # {corpora, blocks, objective, base, stages, bits_per_byte: {base, stages}}
     stage_records: list[dict[str, Any]]  # one per stage trained
     finetune_seconds: dict[str, Any]  # {matrix: rows like `matrices`, probes: {probe: [seconds per stage]}}
     learned: list[int]  # domains (indices) DAP-trained so far
@@ -183,7 +184,7 @@ class RunProgress:
         return len(self.matrices["macro_f1"])
 
     def add_row(self, scores: list[dict[str, Any] | None], probe_scores: dict[str, dict[str, Any]],
-                perplexity_row: list[float]) -> None:
+                perplexity_row: list[tuple[float, float]]) -> None:
         """The evaluation after one stage: each domain's end-task scores (None: not evaluated), each probe's."""
         for metric in ("macro_f1", "accuracy"):
             self.matrices[metric].append([None if s is None else s[metric] for s in scores])
@@ -191,7 +192,9 @@ class RunProgress:
         for name, probe in probe_scores.items():
             self.probes[name]["stages"].append(probe["macro_f1"])
             self.finetune_seconds["probes"][name].append(probe.get("seconds"))
-        self.perplexity["stages"].append(perplexity_row)
+        self.perplexity["stages"].append([perplexity for perplexity, _ in perplexity_row])
+        if "bits_per_byte" in self.perplexity:  # absent from checkpoints written before it existed
+            self.perplexity["bits_per_byte"]["stages"].append([bits for _, bits in perplexity_row])
 
 
 @dataclasses.dataclass

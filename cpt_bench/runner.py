@@ -24,7 +24,7 @@ from cpt_bench.cache import cache_dir
 from cpt_bench.checkpoint import StopRequested, StopSignal, WorkDir
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import EndTaskEvaluator
-from cpt_bench.perplexity import masked_lm_perplexity
+from cpt_bench.perplexity import heldout_scores
 from cpt_bench.plan import LoadedData, RunPlan, result_path
 from cpt_bench.results import RunIdentity, RunProgress, build_result, command_line, git_commit, versions
 from cpt_bench.rng import derive_seed, rng_state, rng_state_as_json, set_rng_state
@@ -33,7 +33,8 @@ from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.trainer import Checkpointing, DapTrainer
 
 EVALUATOR_NAMES = {"head": "fine-tune a classification head on the first token",
-                   "prompt": "prompt-based fine-tuning of the whole LM (verbalizer words at the mask)"}
+                   "prompt": "prompt-based fine-tuning of the whole LM (verbalizer words at the mask)",
+                   "probe": "linear probe on the frozen encoder's mean-pooled features (not the paper's protocol)"}
 
 
 @dataclasses.dataclass
@@ -101,7 +102,8 @@ class SeedRun:
         """The LM on the device, the evaluator, the original model's scores; returns the newest checkpoint."""
         plan = self.plan
         self.model = copy.deepcopy(plan.original_model).to(self.accelerator.device)
-        self.evaluator = EndTaskEvaluator(self.accelerator, plan.tokenizer, plan.finetune, plan.request.show_progress)
+        self.evaluator = EndTaskEvaluator(self.accelerator, plan.tokenizer, plan.finetune, plan.request.show_progress,
+                                          causal=plan.data.causal)
         self.evaluator.stop = self.stop
         if plan.request.fresh:
             self.work.clear()
@@ -120,11 +122,14 @@ class SeedRun:
         plan, data = self.plan, self.plan.data
         if checkpoint is None:
             corpora = perplexity_corpora(plan)
+            base = [self.perplexity(self.model, c) for c in corpora]
             self.progress = RunProgress(
                 matrices={"macro_f1": [], "accuracy": []},
                 probes={p.name: {"base": self.base_scores[p.name]["macro_f1"], "stages": []} for p in data.probes},
                 perplexity={"corpora": corpora, "blocks": plan.suite.perplexity.blocks,
-                            "base": [self.perplexity(self.model, c) for c in corpora], "stages": []},
+                            "objective": "causal" if data.causal else "masked",
+                            "base": [ppl for ppl, _ in base], "stages": [],
+                            "bits_per_byte": {"base": [bpb for _, bpb in base], "stages": []}},
                 stage_records=[], finetune_seconds={"matrix": [], "probes": {p.name: [] for p in data.probes}},
                 learned=[], started=self.started.isoformat(), git_commit=git_commit())
         else:
@@ -182,9 +187,9 @@ class SeedRun:
     def probe_scores(self, probe) -> dict[str, Any]:
         return self.evaluator.evaluate(self.method.probe_model(self.model), probe, finetune_seed(self.seed, probe.name))
 
-    def perplexity_row(self) -> list[float]:
-        """Every held-out corpus's perplexity: a learned domain's with the LM the method fine-tunes for it, any
-        other corpus's with the method's general LM."""
+    def perplexity_row(self) -> list[tuple[float, float]]:
+        """Every held-out corpus's (perplexity, bits per byte): a learned domain's with the LM the method
+        fine-tunes for it, any other corpus's with the method's general LM."""
         domains, learned = self.plan.domains, self.progress.learned
         return [self.perplexity(self.method.end_task_model(self.model, domains.index(corpus))
                                 if corpus in domains and domains.index(corpus) in learned
@@ -207,11 +212,12 @@ class SeedRun:
     def trained_by(self, stage: Stage) -> set[int]:
         return {self.plan.domains.index(c) for c in stage.corpora}
 
-    def perplexity(self, lm: torch.nn.Module, corpus: str) -> float:
+    def perplexity(self, lm: torch.nn.Module, corpus: str) -> tuple[float, float]:
         plan = self.plan
         blocks = plan.data.heldout_blocks(corpus, plan.dap.seq_len, plan.suite.perplexity.blocks)
-        return round(masked_lm_perplexity(lm, blocks, plan.tokenizer, self.accelerator, plan.dap.batch_size,
-                                          plan.dap.mlm_probability), 5)
+        perplexity, bits_per_byte = heldout_scores(lm, blocks, plan.tokenizer, self.accelerator,
+                                                   plan.dap.batch_size, plan.dap.mlm_probability)
+        return round(perplexity, 5), round(bits_per_byte, 5)
 
     def wall_seconds(self) -> float:
         return self.progress.wall_before + time.perf_counter() - self.segment_started
@@ -230,7 +236,7 @@ class SeedRun:
             "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
                          "data": as_dict(plan.data_settings), "eval": plan.request.eval, "limit": plan.request.limit,
                          "end_tasks": {t.name: {"evaluator": EVALUATOR_NAMES[t.evaluator],
-                                                "finetune_overrides": t.finetune_overrides}
+                                                "finetune_overrides": t.finetune_overrides, "examples": t.sizes}
                                        for t in plan.data.tasks + plan.data.probes}},
         }
         finished = datetime.datetime.now(datetime.timezone.utc)

@@ -54,10 +54,24 @@ class EndTask(Validated):
     label_field: str = "label"
     average: Literal["macro", "micro"] = "macro"  # F1 averaging reported as `macro_f1`; micro only on request
     finetune: dict[str, Any] = dataclasses.field(default_factory=dict)  # per-task fine-tuning overrides
-    evaluator: Literal["head", "prompt"] = "head"  # fresh classification head, or prompt + verbalizer
+    # fresh classification head, prompt + verbalizer, or a frozen-encoder linear probe (not the paper's protocol)
+    evaluator: Literal["head", "prompt", "probe"] = "head"
     prompt: Prompt | None = None
+    # at most this many examples per split ({train: N, dev: N, test: N}), drawn stratified by label with
+    # `sample_seed`; a split smaller than its size is used whole. The sizes used go into the result file.
+    subsample: dict[str, int] = dataclasses.field(default_factory=dict)
+    dev_from_train: int = 0  # a task without a dev split gets one of this many train examples (stratified)
+    sample_seed: int = 0
 
     def check(self, where: str) -> None:
+        unknown_splits = sorted(set(self.subsample) - {"train", "dev", "test"})
+        if unknown_splits:
+            raise BadInput(f"{where}.subsample: unknown split {unknown_splits[0]!r} (splits: train, dev, test)")
+        for split, size in self.subsample.items():
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise BadInput(f"{where}.subsample.{split}: expected a positive integer, got {size!r}")
+        if self.dev_from_train < 0:
+            raise BadInput(f"{where}.dev_from_train: must be non-negative, got {self.dev_from_train}")
         if self.evaluator == "prompt" and self.prompt is None:
             raise BadInput(f"{where}: evaluator 'prompt' needs a prompt block (template, verbalizer)")
         if len(self.labels) < 2:
@@ -85,10 +99,16 @@ class PerplexitySettings(Validated):
 
     blocks: int = 32  # held-out blocks scored per corpus; 0 turns the matrix off
     heldout_texts: int = 200  # texts cut from the end of a corpus that has no `heldout` source (not trained on)
+    # a dev slice cut from such a corpus too (before its held-out texts): neither trained on nor reported, for
+    # tuning (`score: dev` makes the matrix score it instead; benchmarks/sweep.py does that)
+    dev_texts: int = 0
+    score: Literal["heldout", "dev"] = "heldout"
 
     def check(self, where: str) -> None:
-        if self.blocks < 0 or self.heldout_texts < 0:
-            raise BadInput(f"{where}: blocks and heldout_texts must be non-negative")
+        if self.blocks < 0 or self.heldout_texts < 0 or self.dev_texts < 0:
+            raise BadInput(f"{where}: blocks, heldout_texts and dev_texts must be non-negative")
+        if self.score == "dev" and not self.dev_texts:
+            raise BadInput(f"{where}.score: 'dev' needs a dev slice (perplexity.dev_texts > 0)")
 
 
 @dataclasses.dataclass
@@ -181,9 +201,16 @@ class Suite(Validated):
         raise BadInput(f"suite {self.name!r} has no domain {name!r} (domains: {', '.join(self.domain_names)})")
 
     def fingerprint(self) -> str:
-        """A hash of the suite's definition (not of its data files)."""
+        """A hash of the suite's definition (not of its data files). Fields added to an end task since result
+        files were first named are left out while at their defaults, so older runs keep their file names."""
         data = dataclasses.asdict(self)
         data.pop("source_file")
+        later = {"subsample": {}, "dev_from_train": 0, "sample_seed": 0, "dev_texts": 0, "score": "heldout"}
+        blocks = [d["end_task"] for d in data["domains"]] + [p["end_task"] for p in data["probes"]]
+        for block in [*blocks, data["perplexity"]]:
+            for key, default in later.items():
+                if block.get(key, default) == default:
+                    block.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.batches import mlm_blocks
+from cpt_bench.batches import lm_blocks
 from cpt_bench.cache import building, cache_dir, exclusive
 from cpt_bench.data import read_corpus
 from cpt_bench.errors import BadInput
@@ -300,10 +300,19 @@ class BaseModelRecipe:
     seed: int = 0
 
 
-def build_tokenizer(vocabulary: list[str], max_length: int):
+def build_tokenizer(vocabulary: list[str], max_length: int, causal: bool = False):
+    """A word-level tokenizer of a generated language: BERT's special tokens for an encoder; for a decoder
+    (`causal`) only padding, unknown and end-of-text tokens, and no tokens added around a text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    if causal:
+        specials = ["[PAD]", "[UNK]", "[EOS]"]
+        tokenizer = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + vocabulary)},
+                                               unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                       eos_token="[EOS]", model_max_length=max_length)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = {token: i for i, token in enumerate(specials + vocabulary)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
@@ -319,46 +328,63 @@ def build_tokenizer(vocabulary: list[str], max_length: int):
 def build_base_model(data_dir: Path | None = None) -> Path:
     """Build (once) and cache the base LM of a generated suite's folder: tokenizer, random init, MLM
     pretraining on the general language, by the folder's recipe (the `synthetic-base` model alias)."""
+    return _build_base(data_dir, causal=False)
+
+
+def build_base_gpt(data_dir: Path | None = None) -> Path:
+    """The same for a decoder (the `synthetic-gpt` alias): a GPT-2-style model of the recipe's size, next-token
+    pretraining on the general language with a word-level tokenizer whose texts end in [EOS]."""
+    return _build_base(data_dir, causal=True)
+
+
+def _build_base(data_dir: Path | None, causal: bool) -> Path:
+    alias = "synthetic-gpt" if causal else "synthetic-base"
     if data_dir is None or not (Path(data_dir) / BASE_MODEL_RECIPE).is_file():
-        raise BadInput("model 'synthetic-base' is the base LM of a generated suite (synthetic); use it with "
-                       "such a suite")
+        raise BadInput(f"model '{alias}' is the base LM of a generated suite (synthetic); use it with such a suite")
     data_dir = Path(data_dir)
     recipe = build(BaseModelRecipe, json.loads((data_dir / BASE_MODEL_RECIPE).read_text()), str(data_dir))
     key = hashlib.sha256(json.dumps([data_dir.name, dataclasses.asdict(recipe)]).encode()).hexdigest()[:12]
-    path = cache_dir() / "models" / f"synthetic-base-{key}"
+    path = cache_dir() / "models" / f"{alias}-{key}"
     if (path / "COMPLETE").exists():
         return path
     with exclusive(path):
         if not (path / "COMPLETE").exists():  # another process may have built it while this one waited
-            _pretrain_base_model(recipe, data_dir, path)
+            _pretrain_base_model(recipe, data_dir, path, causal)
     return path
 
 
-def _pretrain_base_model(recipe: BaseModelRecipe, data_dir: Path, path: Path) -> None:
+def _pretrain_base_model(recipe: BaseModelRecipe, data_dir: Path, path: Path, causal: bool = False) -> None:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
     vocabulary = [json.loads(line)["text"] for line in (data_dir / "vocabulary.jsonl").read_text().splitlines()]
-    tokenizer = build_tokenizer(vocabulary, recipe.max_positions)
+    tokenizer = build_tokenizer(vocabulary, recipe.max_positions, causal)
     set_seed(recipe.seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=recipe.hidden, num_hidden_layers=recipe.layers,
-                        num_attention_heads=recipe.heads, intermediate_size=recipe.intermediate,
-                        max_position_embeddings=recipe.max_positions, pad_token_id=tokenizer.pad_token_id)
-    model = BertForMaskedLM(config)
+    if causal:
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tokenizer), n_embd=recipe.hidden, n_layer=recipe.layers, n_head=recipe.heads,
+            n_inner=recipe.intermediate, n_positions=recipe.max_positions, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    else:
+        model = BertForMaskedLM(BertConfig(
+            vocab_size=len(tokenizer), hidden_size=recipe.hidden, num_hidden_layers=recipe.layers,
+            num_attention_heads=recipe.heads, intermediate_size=recipe.intermediate,
+            max_position_embeddings=recipe.max_positions, pad_token_id=tokenizer.pad_token_id))
     texts, where = read_corpus("general/unlabeled.jsonl", "text", data_dir, None)
     settings = DapSettings(steps=recipe.pretrain_steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
                            lr=recipe.lr, warmup=recipe.warmup)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     trainer = DapTrainer(accelerator, tokenizer, settings, Method(), recipe.seed, show_progress=False)
-    blocks = mlm_blocks(texts, tokenizer, recipe.seq_len, where)
-    print(f"building the base model of the generated suite (seed {recipe.seed}): {recipe.pretrain_steps} MLM steps "
-          f"on its general language (once; cached in {path.parent})", file=sys.stderr, flush=True)
+    blocks = lm_blocks(texts, tokenizer, recipe.seq_len, where, causal)
+    objective = "next-token" if causal else "MLM"
+    print(f"building the {'decoder ' if causal else ''}base model of the generated suite (seed {recipe.seed}): "
+          f"{recipe.pretrain_steps} {objective} steps on its general language (once; cached in {path.parent})",
+          file=sys.stderr, flush=True)
     trainer.train_stage(model.to(accelerator.device), blocks, Stage("general", ["general"]), 0)
     with building(path) as tmp:
         model.cpu().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
         (tmp / "COMPLETE").write_text("ok\n")
-

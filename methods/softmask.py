@@ -18,6 +18,7 @@ the paper's Sec. 3.2 as written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from cpt_bench.batches import masked_loader, process_share
 from cpt_bench.errors import BadInput
-from cpt_bench.models import encoder, mlm_loss
+from cpt_bench.models import encoder, has_dropout, is_causal_lm, mlm_loss
 from cpt_bench.plugin import Method, MethodSettings, register
 from cpt_bench.stage import SequenceState
 from cpt_bench.units import UNIT_KINDS, UnitMap, accumulate, controlled, normalise
@@ -91,14 +92,23 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     return F.cross_entropy(logits, torch.arange(len(anchor), device=anchor.device) + offset)
 
 
-def unmasked_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The original tokens of a masked-LM batch (labels hold the originals at masked positions)."""
+def unmasked_ids(batch: dict[str, torch.Tensor], causal: bool = False) -> torch.Tensor:
+    """The original tokens of a batch: a masked-LM batch's labels hold them at the masked positions; a causal
+    LM's inputs are the text itself (its labels are the next tokens)."""
+    if causal:
+        return batch["input_ids"]
     return torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+
+
+# a model without dropout of its own (many decoders) gets this much at the unit sites for the passes that need
+# two views of one input to differ: the general-knowledge proxy (Sec. 3.1) and the contrastive views (Sec. 3.3)
+VIEW_DROPOUT = 0.1
 
 
 @register
 class SoftMask(Method):
     name = "softmask"
+    needs_unit_map = True
     aliases = ("das",)
     description = ("DAS (Ke et al. 2023) with the soft-mask on the optimizer update, because a constant gradient "
                    "scale cancels in AdamW (softmask.target=gradient: the paper's Sec. 3.2)")
@@ -117,6 +127,8 @@ class SoftMask(Method):
     def before_sequence(self, sequence: SequenceState) -> None:
         self.units = UnitMap(sequence.model)
         self._unit_parameter_ids = {id(p) for p, *_ in self.units.unit_parameters()}
+        self._causal = is_causal_lm(sequence.model)
+        self._own_dropout = has_dropout(sequence.model)
         self._seed = sequence.seed
 
     def before_first_step(self, stage) -> None:
@@ -189,9 +201,9 @@ class SoftMask(Method):
         # n processes together average over the same importance_batches batches as one
         for batch in process_share(loader, self.settings.importance_batches, accelerator):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with self.units.gated(gates), accelerator.autocast():
+            with self.units.gated(gates), self._views_differ(general), accelerator.autocast():
                 if general:
-                    loss = self.proxy_loss(model, unmasked_ids(batch), batch["attention_mask"])
+                    loss = self.proxy_loss(model, unmasked_ids(batch, self._causal), batch["attention_mask"])
                 else:
                     loss = mlm_loss(model, batch)
             grads = torch.autograd.grad(loss, [gates[k] for k in UNIT_KINDS])
@@ -201,6 +213,10 @@ class SoftMask(Method):
         model.train(was_training)
         batches = accelerator.reduce(torch.tensor(float(batches), device=device), reduction="sum")
         return {k: accelerator.reduce(v, reduction="sum") / batches.clamp_min(1.0) for k, v in totals.items()}
+
+    def _views_differ(self, needed: bool = True):
+        """Dropout at the unit sites where two passes must differ and the model has no dropout of its own."""
+        return self.units.site_dropout(VIEW_DROPOUT) if needed and not self._own_dropout else contextlib.nullcontext()
 
     @staticmethod
     def proxy_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -225,12 +241,12 @@ class SoftMask(Method):
     def _contrastive(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Two dropout views of the full network (positives) and the importance-gated network (previous
         knowledge, extra negatives) of the same unmasked input, in one forward pass of 3 x batch rows."""
-        ids, mask = unmasked_ids(batch), batch["attention_mask"]
+        ids, mask = unmasked_ids(batch, self._causal), batch["attention_mask"]
         rows = len(ids)
         full = {k: torch.ones(2 * rows, *v.shape, device=v.device) for k, v in self.accumulated.items()}
         previous = {k: v.to(ids.device).expand(rows, *v.shape) for k, v in self.accumulated.items()}
         gates = {k: torch.cat([full[k], previous[k]]) for k in full}
-        with self.units.gated(gates):
+        with self.units.gated(gates), self._views_differ():
             hidden = encoder(stage.model)(input_ids=ids.repeat(3, 1), attention_mask=mask.repeat(3, 1))[0]
         views = pooled(hidden, mask.repeat(3, 1))
         return self._info_nce_across_processes(stage, views[:rows], views[rows: 2 * rows], views[2 * rows:])
@@ -241,7 +257,7 @@ class SoftMask(Method):
         gated view (previous knowledge) are fixed targets from one forward without gradient or dropout (the
         masking already makes anchor and positive two views of one text). The gradient moves the full network
         toward its representation of the clean text and away from the previous knowledge's."""
-        ids, mask = unmasked_ids(batch), batch["attention_mask"]
+        ids, mask = unmasked_ids(batch, self._causal), batch["attention_mask"]
         rows = len(ids)
         gates = {k: torch.cat([torch.ones(rows, *v.shape, device=ids.device), v.to(ids.device).expand(rows, *v.shape)])
                  for k, v in self.accumulated.items()}

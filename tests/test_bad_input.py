@@ -181,7 +181,7 @@ def test_a_checkpoints_own_code_never_runs_without_the_flag(tiny_model_dir, tmp_
     import shutil
 
     from cpt_bench.errors import BadInput
-    from cpt_bench.models import load_masked_lm
+    from cpt_bench.models import load_lm
 
     model_dir = tmp_path / "with-code"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -193,7 +193,7 @@ def test_a_checkpoints_own_code_never_runs_without_the_flag(tiny_model_dir, tmp_
     config["auto_map"] = {"AutoModelForMaskedLM": "modeling_custom.CustomForMaskedLM"}
     (model_dir / "config.json").write_text(json.dumps(config))
     try:
-        model, _ = load_masked_lm(str(model_dir))
+        model, _ = load_lm(str(model_dir))
         assert type(model).__module__.startswith("transformers.")  # the library's own class
     except BadInput:
         pass  # refused: just as good

