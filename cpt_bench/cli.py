@@ -14,7 +14,7 @@ import typer
 from cpt_bench.errors import BadInput, TrainingFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Benchmark continual pre-training (domain-adaptive MLM) of language models.")
+                  help="Benchmark continual pre-training (domain-adaptive, masked or causal LM) of language models.")
 
 
 def exits_2_on_bad_input(fn):
