@@ -67,3 +67,16 @@ def assert_same_result(resumed: dict, reference: dict) -> None:
     for got, want in zip(resumed["stages"], reference["stages"]):
         for field in STAGE_FIELDS:
             assert got[field] == want[field], (got["domain"], field)
+
+
+def crash_then_resume(suite, out: Path, method: str, monkeypatch, crash) -> dict:
+    """Run `method` into `out` with `crash()` armed until it crashes, then resume it; the resumed result."""
+    import pytest
+
+    crash()
+    with pytest.raises(Crash):
+        run_tiny(suite, out, method)
+    monkeypatch.undo()
+    resumed = run_tiny(suite, out, method)
+    assert resumed.exit_code == 0, resumed.output
+    return only_result(out)

@@ -161,7 +161,7 @@ def test_every_method_runs_two_stages_on_a_decoder(tiny_suite, decoder_dirs, tmp
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_on_a_gqa_swiglu_decoder_resumes_after_a_crash_to_the_same_result(
         tiny_suite, decoder_dirs, tmp_path, monkeypatch, method):
-    from interruptions import Crash, assert_same_result, crash_at_batch, only_result, run_tiny
+    from interruptions import assert_same_result, crash_at_batch, crash_then_resume, only_result, run_tiny
 
     suite = decoder_suite(tiny_suite, decoder_dirs["llama"])
     reference = run_tiny(suite, tmp_path / "reference", method)
@@ -170,14 +170,10 @@ def test_every_method_on_a_gqa_swiglu_decoder_resumes_after_a_crash_to_the_same_
     assert all(math.isfinite(v) for v in reference["metrics"].values() if v is not None)
     if method == "base":
         return  # no DAP stage to interrupt
-    out = tmp_path / "crashed"
-    crash_at_batch(monkeypatch, 9)  # in the second stage (joint: late in its one stage)
-    with pytest.raises(Crash):
-        run_tiny(suite, out, method)
-    monkeypatch.undo()
-    resumed = run_tiny(suite, out, method)
-    assert resumed.exit_code == 0, resumed.output
-    assert_same_result(only_result(out), reference)
+    # the crash comes in the second stage (joint: late in its one stage)
+    resumed = crash_then_resume(suite, tmp_path / "crashed", method, monkeypatch,
+                                lambda: crash_at_batch(monkeypatch, 9))
+    assert_same_result(resumed, reference)
 
 
 def test_a_checkpoint_that_is_neither_a_masked_nor_a_causal_lm_is_one_line(tmp_path):

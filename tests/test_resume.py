@@ -17,7 +17,15 @@ import torch
 from cpt_bench.checkpoint import load_state, save_state
 
 from conftest import run_cli
-from interruptions import Crash, assert_same_result, crash_at_batch, crash_at_finetune, only_result, run_tiny
+from interruptions import (
+    Crash,
+    assert_same_result,
+    crash_at_batch,
+    crash_at_finetune,
+    crash_then_resume,
+    only_result,
+    run_tiny,
+)
 
 
 @pytest.mark.parametrize("method, crash", [("naive", "after_first_dap"), ("naive", "mid_finetune"),
@@ -27,18 +35,11 @@ def test_crash_between_training_and_evaluation_then_resume(method, crash, tiny_s
                                                            reference_runs):
     reference = reference_runs(method)
     out = tmp_path / "crashed"
-    if crash == "after_first_dap":
-        crash_at_finetune(monkeypatch, 1)  # stage 1 trained and checkpointed, nothing evaluated
-    elif crash == "mid_finetune":
-        crash_at_finetune(monkeypatch, 2)  # first end task scored (kept in progress.json), probe not yet
-    else:
-        crash_at_finetune(monkeypatch, 5)  # inside the second row
-    with pytest.raises(Crash):
-        run_tiny(tiny_suite, out, method)
-    monkeypatch.undo()
-    resumed = run_tiny(tiny_suite, out, method)
-    assert resumed.exit_code == 0, resumed.output
-    assert_same_result(only_result(out), reference)
+    # after_first_dap: stage 1 trained and checkpointed, nothing evaluated; mid_finetune: first end task scored
+    # (kept in progress.json), probe not yet; otherwise inside the second row
+    number = {"after_first_dap": 1, "mid_finetune": 2}.get(crash, 5)
+    resumed = crash_then_resume(tiny_suite, out, method, monkeypatch, lambda: crash_at_finetune(monkeypatch, number))
+    assert_same_result(resumed, reference)
 
 
 def test_fresh_ignores_the_checkpoints(tiny_suite, tmp_path, monkeypatch, reference_runs):
