@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cpt_bench.checkpoint import StopRequested
-from cpt_bench.data import EndTaskData, count_truncated, encode_split, stratified_sample
+from cpt_bench.data import EndTaskData, count_truncated, encode_split, prompt_prefix, stratified_sample
 from cpt_bench.errors import BadInput
 from cpt_bench.models import encoder, is_causal_lm, mlm_head
 from cpt_bench.optim import adamw, linear_schedule
@@ -118,8 +118,7 @@ class CausalPromptClassifier(nn.Module):
 def verbalizer_continuations(tokenizer, task: EndTaskData) -> list[list[list[int]]]:
     """Each label's words as a decoder's continuation token ids: the word after the template's separator before
     the mask (usually a space), tokenised on its own; a word of several tokens is scored by their sum."""
-    before_mask = task.template.split("{mask}")[0]
-    separator = before_mask[len(before_mask.rstrip()):]
+    separator = task.template.split("{mask}")[0][len(prompt_prefix(task.template)):]
     out = []
     for label in task.label_names:
         words = []
