@@ -1,7 +1,8 @@
 """The committed leaderboard of the default suite: every registered method, 2 orders x 3 seeds, `--eval full`.
 
     python benchmarks/leaderboard.py [--methods naive,ewc,...] [--seeds 0,1,2] [--orders leaderboard:0,leaderboard:1]
-                                     [--jobs 2] [--output results/leaderboard]
+                                     [--jobs 2] [--output results/leaderboard] [--suite S] [--data-dir D]
+                                     [--model M]
 
 Runs `cpt-bench run` once per (method, order, seed) in its own process (`--jobs` at once, one thread each),
 skipping one whose result file is already in OUTPUT/runs (so an interrupted leaderboard continues), then
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--orders", default="leaderboard:0,leaderboard:1", help="orders (NAME:K), comma-separated")
     parser.add_argument("--suite", default="synthetic")
+    parser.add_argument("--model", help="another model than the suite's (e.g. synthetic-gpt); use its own --output")
+    parser.add_argument("--data-dir", help="the suite's data folder (a suite that reads its data from disk)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--output", default="results/leaderboard")
     parser.add_argument("--table", default="leaderboard.md", help="the Markdown table's file name in OUTPUT")
@@ -84,6 +87,8 @@ def main() -> None:
             return
         started = time.perf_counter()
         overrides = [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
+        overrides += ["--model", args.model] if args.model else []
+        overrides += ["--data-dir", args.data_dir] if args.data_dir else []
         subprocess.run([sys.executable, "-m", "cpt_bench", "run", "--method", method, "--suite", args.suite,
                         "--order", order, "--seed", seed, *overrides, "--output", str(runs), "--quiet"],
                        check=True, stdout=subprocess.DEVNULL, env=env)

@@ -19,6 +19,7 @@ from cpt_bench.batches import lm_blocks
 from cpt_bench.data import read_corpus, read_end_task
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import check_end_task
+from cpt_bench.head_warmup import warm_head
 from cpt_bench.models import is_causal_lm, load_lm
 from cpt_bench.plugin import Method, method_class
 from cpt_bench.settings import DataSettings, override, parse_set_options
@@ -68,6 +69,7 @@ class RunPlan:
     original_model: Any = None  # the LM as loaded (each seed trains a copy)
     tokenizer: Any = None
     model_fingerprint: str = ""
+    head_warmup: dict[str, Any] | None = None  # what the head warm-up was, if the suite has one
 
     @property
     def generates_data(self) -> bool:
@@ -87,6 +89,9 @@ def plan_run(request: RunRequest) -> RunPlan:
     plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
     plan.data.causal = is_causal_lm(plan.original_model)  # the objective follows the model: next-token blocks
+    plan.head_warmup = warm_head(plan, plan.model_fingerprint)
+    if plan.head_warmup is not None:
+        plan.model_fingerprint = model_fingerprint(plan.original_model)
     if plan.method_cls.needs_unit_map:
         UnitMap(plan.original_model)  # a family without one is refused here, before any training
     for task in plan.data.tasks + plan.data.probes:

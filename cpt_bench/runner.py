@@ -239,6 +239,8 @@ class SeedRun:
                                                 "finetune_overrides": t.finetune_overrides, "examples": t.sizes}
                                        for t in plan.data.tasks + plan.data.probes}},
         }
+        if plan.head_warmup is not None:
+            details["settings"]["head_warmup"] = plan.head_warmup
         finished = datetime.datetime.now(datetime.timezone.utc)
         provenance = {"git_commit": self.progress.git_commit, "versions": versions(),
                       "started": self.started.isoformat(), "finished": finished.isoformat(),

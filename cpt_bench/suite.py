@@ -112,6 +112,23 @@ class PerplexitySettings(Validated):
 
 
 @dataclasses.dataclass
+class HeadWarmup(Validated):
+    """Train the LM head alone before anything is scored, encoder frozen, on an equal mix of the run's DAP
+    corpora: for a checkpoint that ships without its MLM head (MiniLM). See cpt_bench/head_warmup.py."""
+
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2.0e-3
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise BadInput(f"{where}: steps and batch_size must be positive")
+        if not self.lr > 0:
+            raise BadInput(f"{where}.lr: must be positive, got {self.lr}")
+
+
+@dataclasses.dataclass
 class Probe:
     """An end task evaluated after every stage but never DAP-trained (e.g. general-knowledge retention)."""
 
@@ -146,6 +163,7 @@ class Suite(Validated):
     perplexity: PerplexitySettings = dataclasses.field(default_factory=PerplexitySettings)
     dap: DapSettings = dataclasses.field(default_factory=DapSettings)
     finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
+    head_warmup: HeadWarmup | None = None  # for a checkpoint without its MLM head (cpt_bench/head_warmup.py)
     # named lists of domain orders, chosen with `--order NAME:K` (row K), e.g. the paper's published orders
     orders: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)
     source_file: str = ""  # set on load, not in YAML
@@ -205,6 +223,8 @@ class Suite(Validated):
         files were first named are left out while at their defaults, so older runs keep their file names."""
         data = dataclasses.asdict(self)
         data.pop("source_file")
+        if data["head_warmup"] is None:  # added later: a suite without one keeps its hash
+            data.pop("head_warmup")
         later = {"subsample": {}, "dev_from_train": 0, "sample_seed": 0, "dev_texts": 0, "score": "heldout"}
         blocks = [d["end_task"] for d in data["domains"]] + [p["end_task"] for p in data["probes"]]
         for block in [*blocks, data["perplexity"]]:

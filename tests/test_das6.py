@@ -344,3 +344,29 @@ def test_micro_f1_is_an_explicit_per_task_setting(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(BadInput, match="average"):
         load_suite(str(path))
+
+
+# ---------------------------------------------------------------- the laptop tier
+
+def test_the_lite_tier_is_das6_with_the_same_tasks_a_probe_and_subsampled_splits():
+    lite, full = load_suite("das6-lite"), load_suite("das6")
+    assert lite.model == "minilm" and lite.head_warmup is not None
+    assert lite.domain_names == full.domain_names and lite.orders["paper"] == full.orders["paper"]
+    assert lite.orders["mini"] == [["restaurant", "acl", "pubmed"]]
+    for domain in lite.domains:
+        task, paper = domain.end_task, full.domain(domain.name).end_task
+        assert (task.labels, task.text_pair_field, task.train, task.test) == \
+            (paper.labels, paper.text_pair_field, paper.train, paper.test)
+        assert task.evaluator == "probe" and task.subsample == {"train": 1000, "dev": 300, "test": 1000}
+        assert task.dev_from_train == 300  # a task without a dev split (SemEval-14) gets one from train
+    assert lite.perplexity.dev_texts > 0  # a dev slice for tuning, apart from the reported held-out text
+
+
+def test_a_lite_data_folder_without_a_split_stops_with_one_line_before_training(tmp_path):
+    root = write_das6(tmp_path / "data", ["acl", "pubmed"])
+    (root / "acl" / "test.jsonl").unlink()
+    out = tmp_path / "runs"
+    result = run_cli("run", "--method", "naive", "--suite", "das6-lite", "--data-dir", str(root),
+                     "--order", "pubmed,acl", "--output", str(out))
+    assert_one_line_error(result, "missing data file", "acl", "test.jsonl")
+    assert not out.exists() or not list(out.glob("*.json"))

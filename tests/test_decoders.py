@@ -417,3 +417,14 @@ def test_bench_times_a_decoder_against_the_trainer_with_its_causal_collator(tiny
     numbers = json.loads(out.read_text())
     assert numbers["step_ms"]["hf_trainer"] > 0 and numbers["step_ms"]["naive"] > 0
     assert numbers["step_ms"]["softmask"] > 0
+
+
+def test_a_head_warmup_is_refused_on_a_decoder_with_one_line(tiny_suite, decoder_dirs, tmp_path):
+    config = yaml.safe_load(tiny_suite.read_text())
+    config["head_warmup"] = {"steps": 2}
+    tiny_suite.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    result = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--model", str(decoder_dirs["gpt2"]),
+                     "--output", str(out))
+    assert_one_line_error(result, "head_warmup is for a masked LM", "is a decoder")
+    assert not out.exists() or not list(out.glob("*.json"))

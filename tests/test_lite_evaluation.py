@@ -178,3 +178,58 @@ def test_perplexity_text_never_appears_in_the_dap_stream(tiny_suite, score):
 def test_scoring_a_dev_slice_needs_one():
     with pytest.raises(BadInput, match="'dev' needs a dev slice"):
         build(type(load_suite("das6").perplexity), {"score": "dev"}, "perplexity")
+
+
+def warmup_suite(tiny_suite, **settings):
+    config = yaml.safe_load(tiny_suite.read_text())
+    config["head_warmup"] = {"steps": 30, "batch_size": 4, "lr": 1e-2, **settings}
+    tiny_suite.write_text(yaml.safe_dump(config))
+    return tiny_suite
+
+
+def test_the_head_warmup_trains_the_head_alone_and_lowers_the_mlm_loss(tiny_suite, tiny_model_dir):
+    from transformers import AutoModelForMaskedLM
+
+    from cpt_bench.batches import masked_sample
+    from cpt_bench.head_warmup import head_parameters
+    from cpt_bench.models import mlm_loss
+    from cpt_bench.plan import RunRequest, plan_run
+
+    plan = plan_run(RunRequest("naive", str(warmup_suite(tiny_suite)), show_progress=False))
+    warmed, original = plan.original_model, AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    before, after = original.state_dict(), warmed.state_dict()
+    head = set(head_parameters(warmed))
+    assert head and all(not name.startswith("bert.") for name in head)
+    body = [name for name in before if name.startswith("bert.")] + ["cls.predictions.decoder.weight"]
+    for name in body:  # the encoder, and the decoder matrix tied to its word embeddings, do not move
+        assert torch.equal(before[name], after[name]), name
+    assert any(not torch.equal(before[name], after[name]) for name in head)
+    batches = masked_sample(plan.data.blocks("cats", 16), plan.tokenizer, 8, 0.3, 2, torch.Generator().manual_seed(5))
+    original.eval(), warmed.eval()
+    with torch.no_grad():
+        assert sum(float(mlm_loss(warmed, b)) for b in batches) < sum(float(mlm_loss(original, b)) for b in batches)
+    assert plan.head_warmup["steps"] == 30 and plan.head_warmup["domains"] == ["cats", "dogs"]
+    # a second plan reads the same head from the cache, whatever the domain order
+    again = plan_run(RunRequest("naive", str(tiny_suite), order=["dogs", "cats"], show_progress=False))
+    assert all(torch.equal(after[name], again.original_model.state_dict()[name]) for name in head)
+    assert again.model_fingerprint == plan.model_fingerprint
+
+
+def test_a_run_with_a_head_warmup_records_it(tiny_suite, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("run", "--method", "base", "--suite", str(warmup_suite(tiny_suite, steps=5)),
+                     "--output", str(out), "--quiet")
+    assert result.exit_code == 0, result.output
+    [path] = out.glob("*.json")
+    warmup = json.loads(path.read_text())["settings"]["head_warmup"]
+    assert warmup["steps"] == 5 and warmup["final_loss"] > 0
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"steps": 0}, "head_warmup: steps and batch_size must be positive"),
+    ({"lr": -1.0}, "head_warmup.lr: must be positive"),
+])
+def test_bad_head_warmup_settings_are_one_line(tiny_suite, tmp_path, settings, message):
+    result = run_cli("run", "--method", "base", "--suite", str(warmup_suite(tiny_suite, **settings)),
+                     "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, message)
