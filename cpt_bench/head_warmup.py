@@ -24,6 +24,9 @@ from cpt_bench.cache import building, cache_dir, exclusive
 from cpt_bench.errors import BadInput
 from cpt_bench.models import mlm_loss
 
+# part of the cache key: bump it with any change of how the head is trained
+HEAD_WARMUP_VERSION = 2
+
 
 def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The parameters outside the transformer body (`base_model`): the MLM head's transform and output bias. A
@@ -49,7 +52,7 @@ def warm_head(plan, checkpoint_fingerprint: str) -> dict[str, Any] | None:
                        "outside its transformer body to warm")
     domains = sorted(plan.domains)  # the same warmed head whatever the order of the run's domains
     corpora = hashlib.sha256(json.dumps([plan.data.corpora[d][0] for d in domains]).encode()).hexdigest()
-    key = hashlib.sha256(json.dumps([checkpoint_fingerprint, domains, corpora, plan.dap.seq_len,
+    key = hashlib.sha256(json.dumps([HEAD_WARMUP_VERSION, checkpoint_fingerprint, domains, corpora, plan.dap.seq_len,
                                      plan.dap.mlm_probability, dataclasses.asdict(settings)]).encode()).hexdigest()
     path = cache_dir() / "heads" / key[:16]
     if not (path / "COMPLETE").exists():
@@ -84,18 +87,21 @@ def _train_head(plan, model, head: dict[str, torch.nn.Parameter], domains: list[
                for d in domains]
     optimizer = torch.optim.AdamW(list(head.values()), lr=settings.lr, weight_decay=0.0)
     losses: list[float] = []
-    try:
-        for step in range(settings.steps):
-            batch = {k: v.to(device) for k, v in next(loaders[step % len(loaders)]).items()}
-            loss = mlm_loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    finally:
-        for parameter, was in trainable.items():
-            parameter.requires_grad_(was)
-        model.cpu()
+    # dropout draws from the global generator: seeded here, so every machine trains the same head
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(settings.seed)
+        try:
+            for step in range(settings.steps):
+                batch = {k: v.to(device) for k, v in next(loaders[step % len(loaders)]).items()}
+                loss = mlm_loss(model, batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+        finally:
+            for parameter, was in trainable.items():
+                parameter.requires_grad_(was)
+            model.cpu()
     tail = losses[-max(1, len(losses) // 10):]
     final_loss = sum(tail) / len(tail)
     if not math.isfinite(final_loss):

@@ -215,6 +215,17 @@ def test_the_head_warmup_trains_the_head_alone_and_lowers_the_mlm_loss(tiny_suit
     assert again.model_fingerprint == plan.model_fingerprint
 
 
+def test_the_head_warmup_trains_the_same_head_on_a_fresh_cache(tiny_suite, tmp_path, monkeypatch):
+    from cpt_bench.plan import RunRequest, plan_run
+
+    suite = str(warmup_suite(tiny_suite, steps=10))
+    first = plan_run(RunRequest("naive", suite, show_progress=False))
+    torch.manual_seed(123)  # whatever state the global generator is in
+    monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "another-cache"))
+    second = plan_run(RunRequest("naive", suite, show_progress=False))
+    assert second.model_fingerprint == first.model_fingerprint
+
+
 def test_a_run_with_a_head_warmup_records_it(tiny_suite, tmp_path):
     out = tmp_path / "out"
     result = run_cli("run", "--method", "base", "--suite", str(warmup_suite(tiny_suite, steps=5)),
