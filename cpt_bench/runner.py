@@ -28,7 +28,7 @@ from cpt_bench.perplexity import heldout_scores
 from cpt_bench.plan import LoadedData, RunPlan, result_path
 from cpt_bench.results import RunIdentity, RunProgress, build_result, command_line, git_commit, versions
 from cpt_bench.rng import derive_seed, rng_state, rng_state_as_json, set_rng_state
-from cpt_bench.settings import DataSettings, as_dict
+from cpt_bench.settings import DataSettings, as_dict, hashed_dap_settings
 from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.trainer import Checkpointing, DapTrainer
 
@@ -91,7 +91,7 @@ class SeedRun:
         configuration = {
             "method": self.method.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
             "suite_fingerprint": plan.suite.fingerprint(), "domains": plan.domains, "seed": self.seed,
-            "model": plan.model_name, "dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
+            "model": plan.model_name, "dap": hashed_dap_settings(as_dict(plan.dap)), "finetune": as_dict(plan.finetune),
             "eval": plan.request.eval, "limit": plan.request.limit, "data": plan.data.fingerprint}
         if plan.data_settings != DataSettings():  # only when set: earlier runs keep their file names
             configuration["data_settings"] = as_dict(plan.data_settings)

@@ -40,10 +40,18 @@ class DapSettings(Validated):
     # the MLM decoder's vocabulary padded to a multiple of this for aligned GEMMs (same logits; 0: 64 on a GPU,
     # none on a CPU)
     vocab_pad_multiple: int = 0
+    # the learning rate within a stage (formulas: cpt_bench/optim.py lr_factor, and the README)
+    schedule: Literal["linear", "cosine", "constant", "wsd", "rsqrt"] = "linear"
+    rewarm: bool = True  # warm up at every stage; False: only at the first (later stages start at the peak)
+    final_lr_fraction: float = 0.0  # the learning rate at the end of a stage, as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd: the last fraction of the stage's steps over which the rate decays
 
     def check(self, where: str) -> None:
         positive(where, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
                  grad_accum=self.grad_accum)
+        fraction(where, final_lr_fraction=self.final_lr_fraction)
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise BadInput(f"{where}.decay_fraction: must be in (0, 1], got {self.decay_fraction}")
         if self.seq_len < 8:
             raise BadInput(f"{where}.seq_len: must be at least 8, got {self.seq_len}")
         fraction(where, warmup=self.warmup, mlm_probability=self.mlm_probability)
@@ -52,6 +60,18 @@ class DapSettings(Validated):
         if self.vocab_pad_multiple < 0:
             raise BadInput(f"{where}.vocab_pad_multiple: must be 0 (automatic) or positive, "
                            f"got {self.vocab_pad_multiple}")
+
+
+# DAP settings added after result files were first named: left out of a run's and a suite's hash while at their
+# defaults, so that earlier runs keep their file names
+DAP_SETTINGS_ADDED_LATER = ("schedule", "rewarm", "final_lr_fraction", "decay_fraction")
+
+
+def hashed_dap_settings(dap: dict[str, Any]) -> dict[str, Any]:
+    """A DAP settings block as it enters a hash (see DAP_SETTINGS_ADDED_LATER)."""
+    defaults = DapSettings()
+    return {key: value for key, value in dap.items()
+            if not (key in DAP_SETTINGS_ADDED_LATER and value == getattr(defaults, key))}
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from cpt_bench.errors import BadInput
-from cpt_bench.settings import DapSettings, FinetuneSettings, Validated, build
+from cpt_bench.settings import DapSettings, FinetuneSettings, Validated, build, hashed_dap_settings
 
 
 @dataclasses.dataclass
@@ -225,6 +225,7 @@ class Suite(Validated):
         data.pop("source_file")
         if data["head_warmup"] is None:  # added later: a suite without one keeps its hash
             data.pop("head_warmup")
+        data["dap"] = hashed_dap_settings(data["dap"])
         later = {"subsample": {}, "dev_from_train": 0, "sample_seed": 0, "dev_texts": 0, "score": "heldout"}
         blocks = [d["end_task"] for d in data["domains"]] + [p["end_task"] for p in data["probes"]]
         for block in [*blocks, data["perplexity"]]:

@@ -16,7 +16,7 @@ from cpt_bench.batches import endless, masked_loader
 from cpt_bench.checkpoint import StopRequested
 from cpt_bench.errors import BadInput, TrainingFailed
 from cpt_bench.models import encoder, mlm_loss_and_hidden
-from cpt_bench.optim import adamw, linear_schedule
+from cpt_bench.optim import adamw, stage_schedule
 from cpt_bench.plugin import Method
 from cpt_bench.progress import progress_bar
 from cpt_bench.rng import rng_state, set_rng_state
@@ -145,7 +145,9 @@ class DapTrainer:
         named = {id(p): n for n, p in model.named_parameters()}
         parameters = self.method.trainable_parameters(model)
         optimizer = adamw(parameters, named, s.lr, s.weight_decay)
-        scheduler = linear_schedule(optimizer, int(s.warmup * total_steps), total_steps)
+        warmup_steps = int(s.warmup * total_steps) if s.rewarm or stage_index == 0 else 0
+        scheduler = stage_schedule(optimizer, s.schedule, warmup_steps, total_steps, s.final_lr_fraction,
+                                   s.decay_fraction)
         # the schedule is in optimizer steps of the global batch, the same for any number of processes: it is
         # not handed to accelerate, whose scheduler wrapper steps it once per process per step
         state.objective, state.optimizer, loader = accelerator.prepare(
