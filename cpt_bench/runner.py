@@ -152,6 +152,7 @@ class SeedRun:
         if checkpoint["kind"] == "stage_end":  # a mid-stage checkpoint's weights are the trainer's to restore
             self.model.load_state_dict(checkpoint["model"])
             set_rng_state(checkpoint["rng"])
+            self.trainer.carried_optimizer = checkpoint.get("optimizer")
 
     # ---- one stage: train, evaluate, checkpoint
     def train(self, index: int, stage: Stage, resume: dict[str, Any] | None) -> None:
@@ -160,7 +161,10 @@ class SeedRun:
                                       plan.request.checkpoint_every if self.work.enabled else 0, self.stop, resume)
         record = self.trainer.train_stage(self.model, stage_blocks(plan.data, stage.corpora, plan.dap.seq_len),
                                           stage, index, checkpointing)
-        self.progress.stage_records.append(dataclasses.asdict(record))
+        entry = dataclasses.asdict(record)
+        if plan.dap.optimizer_state == "carry":  # whether the stage started from the previous stage's moments
+            entry["optimizer_state"] = "carried" if self.trainer.carried_into_stage else "reset"
+        self.progress.stage_records.append(entry)
         self.progress.learned = sorted({*self.progress.learned, *self.trained_by(stage)})
         self.save_checkpoint(index)
 
@@ -201,9 +205,11 @@ class SeedRun:
                                                 "method": self.method.state_dict(), "training": training})
 
     def save_checkpoint(self, index: int) -> None:
-        self.work.save_checkpoint(index, self.progress.stage_records[-1]["steps"], {
-            "kind": "stage_end", "run": self.progress_state(), "method": self.method.state_dict(),
-            "model": self.model.state_dict(), "rng": rng_state()})
+        checkpoint = {"kind": "stage_end", "run": self.progress_state(), "method": self.method.state_dict(),
+                      "model": self.model.state_dict(), "rng": rng_state()}
+        if self.trainer.carried_optimizer is not None:  # dap.optimizer_state=carry: the next stage starts from it
+            checkpoint["optimizer"] = self.trainer.carried_optimizer
+        self.work.save_checkpoint(index, self.progress.stage_records[-1]["steps"], checkpoint)
 
     def progress_state(self) -> dict[str, Any]:
         """The progress as a checkpoint keeps it (the wall time so far included)."""

@@ -45,6 +45,9 @@ class DapSettings(Validated):
     rewarm: bool = True  # warm up at every stage; False: only at the first (later stages start at the peak)
     final_lr_fraction: float = 0.0  # the learning rate at the end of a stage, as a fraction of the peak
     decay_fraction: float = 0.2  # wsd: the last fraction of the stage's steps over which the rate decays
+    # AdamW's moments at a new stage: "reset" (fresh), or "carry" them over from the previous stage when the
+    # method trains the same parameters there (else reset; the result's stage records say which)
+    optimizer_state: Literal["reset", "carry"] = "reset"
 
     def check(self, where: str) -> None:
         positive(where, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
@@ -64,7 +67,7 @@ class DapSettings(Validated):
 
 # DAP settings added after result files were first named: left out of a run's and a suite's hash while at their
 # defaults, so that earlier runs keep their file names
-DAP_SETTINGS_ADDED_LATER = ("schedule", "rewarm", "final_lr_fraction", "decay_fraction")
+DAP_SETTINGS_ADDED_LATER = ("schedule", "rewarm", "final_lr_fraction", "decay_fraction", "optimizer_state")
 
 
 def hashed_dap_settings(dap: dict[str, Any]) -> dict[str, Any]:

@@ -95,6 +95,10 @@ class DapTrainer:
         self.method = method
         self.seed = seed
         self.show_progress = show_progress and accelerator.is_local_main_process
+        # dap.optimizer_state=carry: the optimizer's state at the end of the last stage (saved in stage-end
+        # checkpoints), and whether the stage just trained started from it
+        self.carried_optimizer: dict[str, Any] | None = None
+        self.carried_into_stage = False
 
     def train_stage(self, model: nn.Module, blocks, stage: Stage, stage_index: int,
                     checkpointing: Checkpointing | None = None) -> StageRecord:
@@ -130,6 +134,8 @@ class DapTrainer:
                                  f"{self.method.name} trains changed in {total_steps - first_step} steps (learning "
                                  f"rate too small for the weights' precision, or every step skipped)")
         self.method.after_stage(state)
+        if s.optimizer_state == "carry":
+            self.carried_optimizer = state.optimizer.state_dict()
         self.accelerator.free_memory()
         return _record(stage.name, total_steps, progress, seconds)
 
@@ -145,6 +151,7 @@ class DapTrainer:
         named = {id(p): n for n, p in model.named_parameters()}
         parameters = self.method.trainable_parameters(model)
         optimizer = adamw(parameters, named, s.lr, s.weight_decay)
+        self.carried_into_stage = s.optimizer_state == "carry" and carry_moments(optimizer, self.carried_optimizer)
         warmup_steps = int(s.warmup * total_steps) if s.rewarm or stage_index == 0 else 0
         scheduler = stage_schedule(optimizer, s.schedule, warmup_steps, total_steps, s.final_lr_fraction,
                                    s.decay_fraction)
@@ -162,6 +169,7 @@ class DapTrainer:
         state.optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         state.resumed, state.step = True, int(resume["step"])
+        self.carried_into_stage = bool(resume.get("carried_into_stage", False))
         return StageProgress(list(resume["losses"]), {k: list(v) for k, v in resume["terms"].items()},
                              int(resume["tokens"]), int(resume.get("skipped", 0)), float(resume["seconds"]))
 
@@ -231,11 +239,32 @@ class DapTrainer:
                 "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": state.step,
                 "losses": progress.losses, "terms": progress.terms, "tokens": progress.tokens,
-                "skipped": progress.skipped, "seconds": time.perf_counter() - started})
+                "skipped": progress.skipped, "seconds": time.perf_counter() - started,
+                "carried_into_stage": self.carried_into_stage})
         if stop:
             bar.close()
             raise StopRequested(f"stopped by {checkpointing.stop.requested} in stage {state.name!r} "
                                 f"after step {state.step}")
+
+
+def carry_moments(optimizer: torch.optim.Optimizer, carried: dict[str, Any] | None) -> bool:
+    """Load the previous stage's AdamW moments (and step counts) into a new stage's optimizer, keeping its own
+    hyperparameters; only when it trains parameters of the same shapes in the same groups. Whether it did."""
+    if carried is None:
+        return False
+    fresh = optimizer.state_dict()
+    groups, old_groups = fresh["param_groups"], carried["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in old_groups]:
+        return False
+    shapes = [p.shape for g in optimizer.param_groups for p in g["params"]]
+    old_ids = [i for g in old_groups for i in g["params"]]
+    moments = [carried["state"].get(i, {}).get("exp_avg") for i in old_ids]
+    if any(m is not None and m.shape != shape for m, shape in zip(moments, shapes)):
+        return False
+    new_ids = [i for g in groups for i in g["params"]]
+    state = {new: carried["state"][old] for new, old in zip(new_ids, old_ids) if old in carried["state"]}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return True
 
 
 def _record(name: str, steps: int, progress: StageProgress, seconds: float) -> StageRecord:

@@ -105,3 +105,86 @@ def test_bad_schedule_settings_are_one_line(tiny_suite, tmp_path, option, messag
     result = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--set", option, "--output", str(out))
     assert_one_line_error(result, message)
     assert not out.exists() or not list(out.glob("*.json"))
+
+
+# ---------------------------------------------------------------- optimizer state between stages
+
+def stage_moments(tiny_lm, optimizer_state: str) -> tuple[list, list]:
+    """(first moments at each stage's first step, first moments at each stage's end) of two naive stages."""
+    from accelerate import Accelerator
+
+    from cpt_bench.plugin import Method
+    from cpt_bench.stage import Stage
+    from cpt_bench.trainer import DapTrainer
+
+    at_start, at_end = [], []
+
+    def first_moments(optimizer):
+        return [state["exp_avg"].clone() for state in optimizer.state.values() if "exp_avg" in state]
+
+    class RecordMoments(Method):
+        name = "record-moments"
+
+        def before_first_step(self, stage):
+            at_start.append(first_moments(stage.optimizer.optimizer))
+
+        def after_stage(self, stage):
+            at_end.append(first_moments(stage.optimizer.optimizer))
+
+    blocks = tiny_lm.blocks(["the cats was purr and nap ."] * 40, "cats")
+    dap = DapSettings(steps=4, batch_size=4, seq_len=16, lr=1e-3, optimizer_state=optimizer_state)
+    trainer = DapTrainer(Accelerator(cpu=True), tiny_lm.tokenizer, dap, RecordMoments(), 0, show_progress=False)
+    model = tiny_lm.model()
+    for index in range(2):
+        trainer.train_stage(model, blocks, Stage("cats", ["cats"]), index)
+    return at_start, at_end
+
+
+def test_carried_moments_start_the_next_stage_where_the_last_ended_and_reset_ones_start_empty(tiny_lm):
+    import torch
+
+    at_start, at_end = stage_moments(tiny_lm, "reset")
+    assert at_start[0] == [] and at_start[1] == []
+    at_start, at_end = stage_moments(tiny_lm, "carry")
+    assert at_start[0] == [] and len(at_start[1]) == len(at_end[0]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(at_start[1], at_end[0]))
+
+
+def test_moments_are_not_carried_into_parameters_of_other_shapes():
+    import torch
+
+    from cpt_bench.trainer import carry_moments
+
+    def optimizer(*shapes):
+        parameters = [torch.nn.Parameter(torch.ones(shape)) for shape in shapes]
+        opt = torch.optim.AdamW(parameters, lr=0.1)
+        sum(p.sum() for p in parameters).backward()
+        opt.step()
+        return opt
+
+    carried = optimizer((2, 3), (3,)).state_dict()
+    assert carry_moments(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2, 3)),
+                                            torch.nn.Parameter(torch.ones(3))], lr=0.1), carried)
+    assert not carry_moments(torch.optim.AdamW([torch.nn.Parameter(torch.ones(4, 3)),
+                                                torch.nn.Parameter(torch.ones(3))], lr=0.1), carried)
+    assert not carry_moments(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2, 3))], lr=0.1), carried)
+
+
+@pytest.mark.parametrize("batch", [5, 7])  # around the stage boundary: 7 resumes from stage 1's end checkpoint
+def test_a_run_that_carries_its_optimizer_state_resumes_to_the_same_result(tiny_suite, tmp_path, monkeypatch,
+                                                                             batch):
+    from interruptions import Crash, assert_same_result, crash_at_batch, only_result, run_tiny
+
+    carry = ("--set", "dap.optimizer_state=carry")
+    reference = run_tiny(tiny_suite, tmp_path / "reference", "naive", *carry)
+    assert reference.exit_code == 0, reference.output
+    expected = only_result(tmp_path / "reference")
+    assert [s["optimizer_state"] for s in expected["stages"]] == ["reset", "carried"]
+    crash_at_batch(monkeypatch, batch)
+    with pytest.raises(Crash):
+        run_tiny(tiny_suite, tmp_path / "crashed", "naive", *carry)
+    monkeypatch.undo()
+    resumed = run_tiny(tiny_suite, tmp_path / "crashed", "naive", *carry)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_result(only_result(tmp_path / "crashed"), expected)
+    assert [s["optimizer_state"] for s in only_result(tmp_path / "crashed")["stages"]] == ["reset", "carried"]
