@@ -205,6 +205,8 @@ class LoadedData:
             self.corpora[name] = (texts, where)
             self.tasks.append(read_end_task(name, domain.end_task, plan.data_dir, limit))
         self.probes = [read_end_task(p.name, p.end_task, plan.data_dir, limit) for p in suite.probes]
+        # the suite's trainable general text, read only when a method asks for it (replay's "general" source)
+        self.general_source = (suite.general_corpus, plan.data_dir, limit)
         if suite.perplexity.blocks:
             for name, source in suite.heldout_corpora.items():
                 self.heldout[name] = read_corpus(source, "text", plan.data_dir, limit)
@@ -250,10 +252,18 @@ class LoadedData:
         return summary
 
     def blocks(self, corpus: str, seq_len: int):
+        """The DAP blocks of a domain's corpus, or of the suite's general corpus ("general"); KeyError for any
+        other name."""
         if corpus not in self._blocks:
-            texts, where = self.corpora[corpus]
+            texts, where = self.corpora[corpus] if corpus in self.corpora else self.general_corpus(corpus)
             self._blocks[corpus] = lm_blocks(texts, self.tokenizer, seq_len, where, self.causal)
         return self._blocks[corpus]
+
+    def general_corpus(self, name: str) -> tuple[list[str], str]:
+        source, data_dir, limit = self.general_source
+        if name != "general" or source is None:
+            raise KeyError(name)
+        return read_corpus(source, "text", data_dir, limit)
 
     def heldout_blocks(self, corpus: str, seq_len: int, count: int):
         """The first `count` blocks of a corpus's held-out text."""

@@ -141,7 +141,8 @@ class SeedRun:
         self.trainer = DapTrainer(self.accelerator, plan.tokenizer, plan.dap, self.method, self.seed,
                                   plan.request.show_progress)
         self.method.before_sequence(SequenceState(self.model, plan.tokenizer, self.accelerator, plan.domains,
-                                                  self.seed, [task.train.texts for task in data.tasks]))
+                                                  self.seed, [task.train.texts for task in data.tasks],
+                                                  functools.partial(data.blocks, seq_len=plan.dap.seq_len)))
         if checkpoint is None:
             return
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ class SequenceState:
     domains: list[str]  # in training order; domain i's end task is column i of the score matrix
     seed: int
     end_task_texts: list[list[str]] = dataclasses.field(default_factory=list)  # domain i's training texts (raw)
+    # the DAP blocks of a corpus by name: any domain of the run, or "general" where the suite names a
+    # general_corpus (KeyError otherwise); what a replay method draws from
+    corpus_blocks: Callable[[str], Any] | None = None
 
 
 @dataclasses.dataclass

@@ -160,6 +160,9 @@ class Suite(Validated):
     generator: Generator | None = None
     probes: list[Probe] = dataclasses.field(default_factory=list)
     heldout_corpora: dict[str, Source] = dataclasses.field(default_factory=dict)  # e.g. {general: file}
+    # text of the general distribution that may be trained on (the replay method's `general` source); never
+    # one of the held-out files above
+    general_corpus: Source | None = None
     perplexity: PerplexitySettings = dataclasses.field(default_factory=PerplexitySettings)
     dap: DapSettings = dataclasses.field(default_factory=DapSettings)
     finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
@@ -225,6 +228,8 @@ class Suite(Validated):
         data.pop("source_file")
         if data["head_warmup"] is None:  # added later: a suite without one keeps its hash
             data.pop("head_warmup")
+        # read only by replay, whose runs name it in their summary: the suite's other runs keep their hash
+        data.pop("general_corpus")
         data["dap"] = hashed_dap_settings(data["dap"])
         later = {"subsample": {}, "dev_from_train": 0, "sample_seed": 0, "dev_texts": 0, "score": "heldout"}
         blocks = [d["end_task"] for d in data["domains"]] + [p["end_task"] for p in data["probes"]]
