@@ -178,6 +178,7 @@ class RunProgress:
     started: str  # when the run started (ISO 8601, UTC)
     git_commit: str  # the code the run started with (edits during a run do not count)
     wall_before: float = 0.0  # seconds spent by the processes before this one
+    flops: float = 0.0  # approximate DAP FLOPs so far, extra passes included (cpt_bench/compute.py)
 
     @property
     def rows_done(self) -> int:
@@ -229,6 +230,9 @@ def build_result(identity: RunIdentity, progress: RunProgress, base_scores: dict
         "probes": progress.probes,
         "perplexity": progress.perplexity,
         "stages": progress.stage_records,
+        # DAP tokens trained on, and the approximate FLOPs of every pass made for them (cpt_bench/compute.py)
+        "compute": {"tokens": sum(int(s.get("tokens", 0)) for s in progress.stage_records),
+                    "flops": float(progress.flops)},
         "truncated_examples": truncated_examples,
         # wall seconds of each fine-tune (same layout as matrix)
         "finetune_seconds": {**progress.finetune_seconds, "base": [base_scores[d].get("seconds") for d in domains]},

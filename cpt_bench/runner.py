@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from cpt_bench.atomic import write_json_atomic
 from cpt_bench.cache import cache_dir
 from cpt_bench.checkpoint import StopRequested, StopSignal, WorkDir
+from cpt_bench.compute import ComputeCounter
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import EndTaskEvaluator
 from cpt_bench.perplexity import heldout_scores
@@ -138,11 +139,13 @@ class SeedRun:
             print(f"resuming {self.path.name} from stage {checkpoint['stage'] + 1} step {checkpoint['step']} "
                   f"({self.work.path})", file=sys.stderr, flush=True)
         self.segment_started = time.perf_counter()
+        self.compute = ComputeCounter(self.progress.flops)  # counts DAP's passes, not the evaluations'
         self.trainer = DapTrainer(self.accelerator, plan.tokenizer, plan.dap, self.method, self.seed,
                                   plan.request.show_progress)
-        self.method.before_sequence(SequenceState(self.model, plan.tokenizer, self.accelerator, plan.domains,
-                                                  self.seed, [task.train.texts for task in data.tasks],
-                                                  functools.partial(data.blocks, seq_len=plan.dap.seq_len)))
+        with self.compute.counting():
+            self.method.before_sequence(SequenceState(self.model, plan.tokenizer, self.accelerator, plan.domains,
+                                                      self.seed, [task.train.texts for task in data.tasks],
+                                                      functools.partial(data.blocks, seq_len=plan.dap.seq_len)))
         if checkpoint is None:
             return
         try:
@@ -160,8 +163,9 @@ class SeedRun:
         plan = self.plan
         checkpointing = Checkpointing(functools.partial(self.save_mid_stage_checkpoint, index),
                                       plan.request.checkpoint_every if self.work.enabled else 0, self.stop, resume)
-        record = self.trainer.train_stage(self.model, stage_blocks(plan.data, stage.corpora, plan.dap.seq_len),
-                                          stage, index, checkpointing)
+        with self.compute.counting():
+            record = self.trainer.train_stage(self.model, stage_blocks(plan.data, stage.corpora, plan.dap.seq_len),
+                                              stage, index, checkpointing)
         entry = dataclasses.asdict(record)
         if plan.dap.optimizer_state == "carry":  # whether the stage started from the previous stage's moments
             entry["optimizer_state"] = "carried" if self.trainer.carried_into_stage else "reset"
@@ -214,7 +218,8 @@ class SeedRun:
 
     def progress_state(self) -> dict[str, Any]:
         """The progress as a checkpoint keeps it (the wall time so far included)."""
-        return dataclasses.asdict(dataclasses.replace(self.progress, wall_before=self.wall_seconds()))
+        return dataclasses.asdict(dataclasses.replace(self.progress, wall_before=self.wall_seconds(),
+                                                      flops=self.compute.flops))
 
     def trained_by(self, stage: Stage) -> set[int]:
         return {self.plan.domains.index(c) for c in stage.corpora}
@@ -259,6 +264,7 @@ class SeedRun:
                                             "suite_seed": plan.suite.generator.seed_for(self.seed)}
         if git_commit() != self.progress.git_commit:  # the tree changed while the run ran, or between crash and resume
             provenance["git_commit_at_finish"] = git_commit()
+        self.progress.flops = self.compute.flops
         return build_result(identity, self.progress, {t.name: self.base_scores[t.name] for t in plan.data.tasks},
                             [s.name for s in self.stages], square, self.evaluator.truncated, details, provenance)
 

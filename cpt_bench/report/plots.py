@@ -120,7 +120,8 @@ def slug(text: str) -> str:
 
 
 def write_plots(groups: list[Group], folder: Path) -> list[Path]:
-    """One PNG per (row, plot) into `folder` (each written atomically); returns the paths."""
+    """One PNG per (row, plot) into `folder` (each written atomically), and one of forgetting against compute
+    per suite; returns the paths."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for group in groups:
@@ -129,4 +130,41 @@ def write_plots(groups: list[Group], folder: Path) -> list[Path]:
             path = folder / f"{name}__{kind}.png"
             write_bytes_atomic(path, data)
             written.append(path)
+    for suite in sorted({g.suite for g in groups}):
+        data = forgetting_against_compute([g for g in groups if g.suite == suite])
+        if data is not None:
+            path = folder / f"{slug(suite)}__forgetting_vs_compute.png"
+            write_bytes_atomic(path, data)
+            written.append(path)
     return written
+
+
+def forgetting_against_compute(groups: list[Group]) -> bytes | None:
+    """One point per row: mean approximate DAP compute against mean forgetting, end-task and perplexity; None
+    when fewer than two rows have both."""
+    from cpt_bench.report.table import compute_tflops, perplexity_forgetting
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    panels = [("forgetting (macro-F1)", lambda r: (r.get("metrics") or {}).get("forgetting_macro_f1")),
+              ("perplexity forgetting", perplexity_forgetting)]
+    points = []
+    for group in groups:
+        flops = mean(compute_tflops(r) for r in group.runs)
+        label = " ".join(p for p in (group.method, group.config) if p)
+        points.append((label, flops, [mean(value(r) for r in group.runs) for _, value in panels]))
+    if sum(1 for _, flops, ys in points if flops is not None and ys[0] is not None) < 2:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (title, _), index in zip(axes, panels, range(2)):
+        for label, flops, ys in points:
+            if flops is not None and ys[index] is not None:
+                ax.scatter(flops, ys[index])
+                ax.annotate(label, (flops, ys[index]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("approximate DAP compute (TFLOPs)")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} against compute", fontsize=9)
+    return _png(fig)

@@ -151,6 +151,12 @@ def _overhead(result: dict[str, Any]) -> float | None:
     return sum(overhead.values()) / 1e6 if overhead else None
 
 
+def compute_tflops(result: dict[str, Any]) -> float | None:
+    """The run's approximate DAP FLOPs, every extra pass included (cpt_bench/compute.py), in 10^12."""
+    flops = (result.get("compute") or {}).get("flops")
+    return None if flops is None else flops / 1e12
+
+
 SUMMARY_COLUMNS = [
     Column("final MF1", _metric("final_macro_f1")),
     Column("final Acc", _metric("final_accuracy")),
@@ -161,6 +167,7 @@ SUMMARY_COLUMNS = [
     Column("ppl forgetting", perplexity_forgetting, higher_is_better=False, digits=2),
     Column("wall s", wall_seconds, higher_is_better=False, digits=0),
     Column("overhead M", _overhead, higher_is_better=False, digits=2),
+    Column("TFLOPs", compute_tflops, higher_is_better=False, digits=1),
 ]
 # columns tested against naive (True: higher is better); perplexity forgetting is the least noisy of them
 COMPARED = {"final MF1": True, "forgetting MF1": False, "ppl forgetting": False}
@@ -362,7 +369,8 @@ LEGEND = ("mean ± sample std over runs (seeds × orders); bold: best in column;
           "comparison's mean difference, 95% t-interval, p and n are listed under the table); domain columns: final "
           "macro-F1; KT vs one: mean_j A[T-1][j] − ONE[j][j]; general Δ: general probe after the last stage "
           "minus before DAP; ppl forgetting: mean rise of a learned domain's held-out MLM perplexity; "
-          "overhead M: extra numbers kept by the method, millions.")
+          "overhead M: extra numbers kept by the method, millions; TFLOPs: approximate DAP compute, every extra "
+          "pass included (6·N per trained position, 2·N per forward-only one).")
 
 COMPARISON_HEADER = ["method", "config", "order", "column", "Δ vs naive", "95% CI", "p", "n"]
 
