@@ -105,7 +105,8 @@ def effects(runs: dict[str, dict[tuple, dict]]) -> list[tuple[str, str, str, str
     general = [-general_retention(runs["naive"][k]) for k in keys]
     add("naive hurts general knowledge", "general probe: base − after the last stage", general, "≥ 0.05",
         statistics.mean(general) >= 0.05)
-    rows.append(ranking(runs, keys))
+    if set(runs) - BASELINES - {"naive"}:  # methods to rank (a run of the baselines alone has none)
+        rows.append(ranking(runs, keys))
     finals = [runs["naive"][k]["metrics"]["final_macro_f1"] for k in keys]
     rows.append(("stable", "std of naive's final macro-F1 over the runs", f"{statistics.stdev(finals):.3f} "
                  f"(n = {len(finals)})", "≤ 0.08", statistics.stdev(finals) <= 0.08))

@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from cpt_bench.plugin import method_class
+from cpt_bench.settings import DAP_SETTINGS_ADDED_LATER, DapSettings
 
 DEFAULT_METHODS = ["base", "naive", "one", "joint", "softmask", "ewc", "kd", "derpp", "adapter", "lora", "demix"]
 
@@ -47,11 +48,21 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def has_settings(result_file: Path, method: str, settings: dict[str, str]) -> bool:
-    """Whether a result file was made with these method settings and the method's defaults otherwise."""
-    config = json.loads(result_file.read_text()).get("method_config") or {}
+    """Whether a result file was made with these settings (the method's own, or `dap.KEY` ones) and the
+    method's and the DAP's defaults otherwise."""
+    from cpt_bench.results import configuration_settings
+
+    result = json.loads(result_file.read_text())
+    config = result.get("method_config") or {}
     wanted = dataclasses.asdict(method_class(method).Settings())
-    wanted |= {key.removeprefix(f"{method}."): yaml.safe_load(value) for key, value in settings.items()}
-    return all(config.get(key) == value for key, value in wanted.items())
+    wanted |= {key.removeprefix(f"{method}."): yaml.safe_load(value) for key, value in settings.items()
+               if not key.startswith("dap.")}
+    dap, defaults = configuration_settings(result).get("dap") or {}, dataclasses.asdict(DapSettings())
+    wanted_dap = {key: defaults[key] for key in DAP_SETTINGS_ADDED_LATER}
+    wanted_dap |= {key.removeprefix("dap."): yaml.safe_load(value) for key, value in settings.items()
+                   if key.startswith("dap.")}
+    return all(config.get(key) == value for key, value in wanted.items()) and \
+        all(dap.get(key) == value for key, value in wanted_dap.items())
 
 
 def main() -> None:
