@@ -98,14 +98,18 @@ def load_state(directory: Path) -> dict[str, Any]:
     return unflatten(json.loads((directory / "state.json").read_text()), tensors)
 
 
-# ---------------------------------------------------------------- stop requests (SIGINT / SIGTERM)
+# ---------------------------------------------------------------- stop requests (SIGINT / SIGTERM / SIGUSR2)
+
+# SIGUSR2: what SLURM sends (submitit asks for it) shortly before a job's time limit or preemption; its default
+# action would kill the run without a checkpoint
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 class StopRequested(Exception):
-    """Raised at a safe point after SIGINT/SIGTERM, once the checkpoint is written."""
+    """Raised at a safe point after a stop signal, once the checkpoint is written."""
 
 
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag that the run checks between steps (a second signal stops at once)."""
+    """Turns SIGINT/SIGTERM/SIGUSR2 into a flag that the run checks between steps (a second signal stops at once)."""
 
     def __init__(self, enabled: bool = True):
         self.requested: str | None = None
@@ -113,7 +117,7 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:  # noqa: PYI034  (typing.Self needs Python 3.11)
-        for sig in (signal.SIGINT, signal.SIGTERM) if self.enabled else ():
+        for sig in STOP_SIGNALS if self.enabled else ():
             # not the main thread (e.g. inside a test runner's worker): ValueError, and no handler
             with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -273,6 +273,65 @@ def importance(
     typer.echo(f"\nheatmap PNG: {png}")
 
 
+@app.command()
+@exits_2_on_bad_input
+def sweep(
+    grid_file: Annotated[str, typer.Argument(metavar="GRID.yaml", help="grid file (or: status GRID.yaml)")],
+    status_of: Annotated[str | None, typer.Argument(metavar="[GRID.yaml]", help="with `status`: the grid file",
+                                                    show_default=False)] = None,
+    executor: Annotated[str, typer.Option(help="local (worker processes here) or slurm (a job array)")] = "local",
+    max_parallel: Annotated[int, typer.Option(help="runs at once (local: each gets floor(cores / N) threads; "
+                                                   "slurm: the array's parallelism)")] = 2,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan: every run, its state and command")
+                       ] = False,
+    wait: Annotated[bool, typer.Option(help="slurm: wait for the jobs to end (--no-wait: submit and return)")] = True,
+) -> None:
+    """Run a grid of methods × orders × seeds × settings (docs/sweeps.md), skipping finished runs and resuming
+    interrupted ones; `cpt-bench sweep status GRID.yaml` prints the state of every run."""
+    import shlex
+
+    from cpt_bench import sweep as sweeps
+
+    if grid_file == "status":
+        if status_of is None:
+            raise BadInput("sweep status: give the grid file (cpt-bench sweep status GRID.yaml)")
+        typer.echo(sweeps.status_table(sweeps.load_grid(status_of)))
+        return
+    if status_of is not None:
+        raise BadInput(f"sweep: one grid file, got {grid_file!r} and {status_of!r} (or: sweep status GRID.yaml)")
+    if executor not in ("local", "slurm"):
+        raise BadInput(f"--executor must be local or slurm, got {executor!r}")
+    if max_parallel < 1:
+        raise BadInput(f"--max-parallel must be at least 1, got {max_parallel}")
+    grid = sweeps.load_grid(grid_file)  # every run checked before anything starts
+    if executor == "slurm":
+        from cpt_bench import sweep_slurm
+
+        sweep_slurm.check_slurm()
+    if dry_run:
+        for run in grid.runs:
+            state, detail = sweeps.run_status(grid, run)
+            typer.echo(f"{run.label}: {state} ({detail})\n    {shlex.join(run.command)}")
+        pending = len(sweeps.pending_runs(grid))
+        typer.echo(f"{len(grid.runs)} runs, {pending} to run ({executor}, {max_parallel} at once); nothing started")
+        return
+    if executor == "slurm":
+        jobs = sweep_slurm.submit(grid, max_parallel, typer.echo)
+        if not wait:
+            return
+        sweep_slurm.wait(jobs)
+        failed = [run for run in grid.runs if not run.result.is_file()]
+    else:
+        failed = sweeps.run_local(grid, max_parallel, typer.echo)
+    sweeps.write_report(grid, typer.echo)
+    if failed:
+        for run in failed:
+            state, detail = sweeps.run_status(grid, run)
+            typer.echo(f"not done: {run.label}: {state}: {detail} (log: {grid.log_file(run)})", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"all {len(grid.runs)} runs done")
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets

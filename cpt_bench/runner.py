@@ -87,16 +87,7 @@ class SeedRun:
         return RunOutput(self.path, self.result(), self.method.artifacts(), self.work)
 
     def configuration(self) -> dict[str, Any]:
-        """Everything that makes two runs the same run (hashed into the result file's name)."""
-        plan = self.plan
-        configuration = {
-            "method": self.method.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
-            "suite_fingerprint": plan.suite.fingerprint(), "domains": plan.domains, "seed": self.seed,
-            "model": plan.model_name, "dap": hashed_dap_settings(as_dict(plan.dap)), "finetune": as_dict(plan.finetune),
-            "eval": plan.request.eval, "limit": plan.request.limit, "data": plan.data.fingerprint}
-        if plan.data_settings != DataSettings():  # only when set: earlier runs keep their file names
-            configuration["data_settings"] = as_dict(plan.data_settings)
-        return configuration
+        return run_configuration(self.plan, self.seed)
 
     # ---- prepare, start or resume
     def prepare(self) -> dict[str, Any] | None:
@@ -269,6 +260,19 @@ class SeedRun:
                             [s.name for s in self.stages], square, self.evaluator.truncated, details, provenance)
 
 
+def run_configuration(plan: RunPlan, seed: int) -> dict[str, Any]:
+    """Everything that makes two runs the same run (hashed into the result file's name). Needs no model, so that a
+    sweep knows each run's result file before it starts any (`planned_result_path`)."""
+    configuration = {
+        "method": plan.method_cls.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
+        "suite_fingerprint": plan.suite.fingerprint(), "domains": plan.domains, "seed": seed,
+        "model": plan.model_name, "dap": hashed_dap_settings(as_dict(plan.dap)), "finetune": as_dict(plan.finetune),
+        "eval": plan.request.eval, "limit": plan.request.limit, "data": plan.data.fingerprint}
+    if plan.data_settings != DataSettings():  # only when set: earlier runs keep their file names
+        configuration["data_settings"] = as_dict(plan.data_settings)
+    return configuration
+
+
 class RowMeasurements:
     """The measurements of one row of the matrix, each replayed from progress.json if an interrupted process
     made it already (with the random state after it), else made and saved there."""
@@ -334,5 +338,6 @@ def cached_base_scores(plan: RunPlan, model, evaluator: EndTaskEvaluator, seed: 
 
 def describe_device(accelerator) -> str:
     device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return f"{name}; processes={accelerator.num_processes}; precision={accelerator.mixed_precision}"

@@ -1,0 +1,482 @@
+"""`cpt-bench sweep`: a grid of runs (methods with setting variants × orders × seeds) read from a YAML file, run by
+local worker processes or as a SLURM job array through submitit (docs/sweeps.md).
+
+Each run is `cpt-bench run` in its own process, so a sweep adds nothing to a run's behaviour: a finished run (its
+result file exists) is skipped, an interrupted one resumes from its checkpoint in OUTPUT/.work, and the sweep's own
+bookkeeping is one state file and one log per run in OUTPUT/.sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpt_bench.atomic import write_json_atomic
+from cpt_bench.errors import BadInput
+
+GRID_KEYS = {"suite", "model", "data_dir", "methods", "orders", "seeds", "set", "eval", "limit", "steps", "device",
+             "checkpoint_every", "output", "report", "resources", "report_to"}
+METHOD_KEYS = {"method", "settings", "variants"}
+REPORT_KEYS = {"table", "html", "plots", "compare_with"}
+RESOURCE_KEYS = {"gpus", "processes", "cpus", "mem_gb", "time_min", "partition", "setup", "slurm"}
+STATES = ("done", "running", "queued", "failed", "resumable")
+
+
+@dataclasses.dataclass
+class Resources:
+    """What one run asks of a SLURM node (the local executor uses `processes` only)."""
+
+    gpus: int = 0  # GPUs per run
+    processes: int = 0  # processes per run (accelerate launch); 0: one per GPU, or one without GPUs
+    cpus: int = 2  # CPU cores per run
+    mem_gb: float = 16
+    time_min: int = 120  # the job's time limit; a run cut by it is requeued and resumes from its checkpoint
+    partition: str | None = None
+    setup: list[str] = dataclasses.field(default_factory=list)  # lines run before each job (module load, venv)
+    slurm: dict[str, Any] = dataclasses.field(default_factory=dict)  # more sbatch options, e.g. {account: X}
+
+    @property
+    def processes_per_run(self) -> int:
+        return self.processes or max(1, self.gpus)
+
+
+@dataclasses.dataclass
+class GridRun:
+    """One run of a grid: a method with one setting variant, one order, one seed, and the result file it makes."""
+
+    label: str
+    method: str
+    settings: dict[str, str]
+    order: str
+    seed: int
+    command: list[str]
+    result: Path
+
+    @property
+    def key(self) -> str:
+        return self.result.stem
+
+
+@dataclasses.dataclass
+class Grid:
+    source: Path
+    suite: str
+    runs: list[GridRun]
+    output: Path
+    resources: Resources
+    report: dict[str, Any]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.output / ".sweep"
+
+    def state_file(self, run: GridRun) -> Path:
+        return self.state_dir / f"{run.key}.json"
+
+    def log_file(self, run: GridRun) -> Path:
+        return self.state_dir / f"{run.key}.log"
+
+
+# ---------------------------------------------------------------- reading and expanding a grid file
+
+def load_grid(path: str | Path) -> Grid:
+    """Read, check and expand a grid file; every run is checked (method, order, settings, data) before any runs.
+    Bad input of any kind is one line (BadInput)."""
+    source = Path(path)
+    if not source.is_file():
+        raise BadInput(f"grid file {path}: no such file")
+    try:
+        spec = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise BadInput(f"grid file {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise BadInput(f"grid file {path}: expected a mapping of keys (suite, methods, orders, seeds, ...)")
+    _known_keys(spec, GRID_KEYS, f"grid file {path}")
+    for required in ("methods", "output"):
+        if required not in spec:
+            raise BadInput(f"grid file {path}: the key {required!r} is missing")
+    resources = _resources(spec.get("resources") or {}, path)
+    report = spec.get("report") or {}
+    _known_keys(report, REPORT_KEYS, f"grid file {path}: report")
+    output = Path(spec["output"])
+    variants = [variant for entry in _as_list(spec["methods"], "methods", path)
+                for variant in _method_variants(entry, path)]
+    orders = [_order_text(order, path) for order in _as_list(spec.get("orders") or [None], "orders", path)]
+    seeds = _as_list(spec.get("seeds", [0]), "seeds", path)
+    if not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
+        raise BadInput(f"grid file {path}: seeds must be integers, got {seeds}")
+    common = {str(k): _set_value(v) for k, v in (spec.get("set") or {}).items()}
+    suite = str(spec.get("suite") or _default_suite())
+    runs, planner = [], ResultPlanner()
+    for (method, variant, settings) in variants:
+        for order in orders:
+            for seed in seeds:
+                run = _grid_run(spec, suite, method, variant, {**common, **settings}, order, seed, output, resources)
+                run.result = planner.result_path(run, spec, suite)
+                runs.append(run)
+    _refuse_duplicates(runs, path)
+    return Grid(source, suite, runs, output, resources, report)
+
+
+def _known_keys(mapping: Any, known: set[str], where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise BadInput(f"{where}: expected a mapping, got {type(mapping).__name__}")
+    unknown = sorted(set(map(str, mapping)) - known)
+    if unknown:
+        raise BadInput(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def _as_list(value: Any, key: str, path: Path | str) -> list[Any]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise BadInput(f"grid file {path}: {key} is empty")
+    return items
+
+
+def _set_value(value: Any) -> str:
+    """A YAML value as `--set` text (lists and mappings as YAML flow text, which `--set` parses back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return str(value)
+
+
+def _method_variants(entry: Any, path: Path | str) -> list[tuple[str, str, dict[str, str]]]:
+    """(method, variant label, settings) for one `methods` entry: `naive`, `softmask@softmask.budget=0.1;...`, or
+    {method: NAME, settings: {...}} or {method: NAME, variants: {LABEL: {...}, ...}}."""
+    if isinstance(entry, str):
+        method, _, text = entry.partition("@")
+        pairs = [item.partition("=") for item in text.split(";") if item]
+        for _key, equals, _ in pairs:
+            if not equals:
+                raise BadInput(f"grid file {path}: method entry {entry!r}: expected METHOD@KEY=VALUE;KEY=VALUE")
+        return [(method.strip(), text, {k.strip(): v.strip() for k, _, v in pairs})]
+    _known_keys(entry, METHOD_KEYS, f"grid file {path}: methods entry")
+    if "method" not in entry:
+        raise BadInput(f"grid file {path}: methods entry {entry}: the key 'method' is missing")
+    method = str(entry["method"])
+    if "variants" in entry and "settings" in entry:
+        raise BadInput(f"grid file {path}: methods entry {method!r}: give settings or variants, not both")
+    if "variants" in entry:
+        variants = entry["variants"]
+        _known_keys(variants, set(map(str, variants or {})), f"grid file {path}: {method} variants")
+        if not variants:
+            raise BadInput(f"grid file {path}: methods entry {method!r}: variants is empty")
+        return [(method, str(label), {str(k): _set_value(v) for k, v in (values or {}).items()})
+                for label, values in variants.items()]
+    settings = entry.get("settings") or {}
+    _known_keys(settings, set(map(str, settings)), f"grid file {path}: {method} settings")
+    settings = {str(k): _set_value(v) for k, v in settings.items()}
+    return [(method, ";".join(f"{k}={v}" for k, v in settings.items()), settings)]
+
+
+def _order_text(order: Any, path: Path | str) -> str | None:
+    """An order as `--order` text: NAME:K, comma-separated names, or a list of names; None: the suite's own."""
+    if order is None:
+        return None
+    if isinstance(order, list) and all(isinstance(name, str) for name in order):
+        return ",".join(order)
+    if isinstance(order, str):
+        return order
+    raise BadInput(f"grid file {path}: an order is NAME:K, 'a,b,c' or a list of domain names, got {order!r}")
+
+
+def _resources(spec: Any, path: Path | str) -> Resources:
+    _known_keys(spec, RESOURCE_KEYS, f"grid file {path}: resources")
+    resources = Resources(**spec)
+    if isinstance(resources.setup, str):
+        resources.setup = [resources.setup]
+    for name in ("gpus", "processes", "cpus", "time_min"):
+        value = getattr(resources, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise BadInput(f"grid file {path}: resources.{name} must be a non-negative integer, got {value!r}")
+    if resources.cpus < 1 or resources.time_min < 1:
+        raise BadInput(f"grid file {path}: resources.cpus and resources.time_min must be at least 1")
+    return resources
+
+
+def _default_suite() -> str:
+    from cpt_bench.suite import DEFAULT_SUITE
+
+    return DEFAULT_SUITE
+
+
+def _grid_run(spec: dict[str, Any], suite: str, method: str, variant: str, settings: dict[str, str],
+              order: str | None, seed: int, output: Path, resources: Resources) -> GridRun:
+    label = " ".join([method + (f"[{variant}]" if variant else ""), order or "(suite order)", f"seed {seed}"])
+    options = ["--method", method, "--suite", suite, "--seed", str(seed), "--output", str(output.resolve()),
+               "--quiet", "--checkpoint-every", str(spec.get("checkpoint_every", 500))]
+    options += ["--order", order] if order else []
+    for key in ("model", "steps", "eval", "limit", "device", "report_to"):
+        if spec.get(key) is not None:
+            options += [f"--{key.replace('_', '-')}", str(spec[key])]
+    if spec.get("data_dir") is not None:
+        options += ["--data-dir", str(Path(spec["data_dir"]).expanduser().resolve())]
+    for key, value in settings.items():
+        options += ["--set", f"{key}={value}"]
+    launcher = [sys.executable, "-m", "cpt_bench"]
+    if resources.processes_per_run > 1:  # one run across several processes (GPUs): accelerate's launcher
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+                    str(resources.processes_per_run), *([] if resources.gpus else ["--cpu"]), "-m", "cpt_bench"]
+    return GridRun(label, method, settings, order or "", seed, [*launcher, "run", *options], Path())
+
+
+class ResultPlanner:
+    """The result file each run will write, known before any run starts (the file name hashes the run's whole
+    configuration, `runner.run_configuration`, which needs the data but no model). The data is read once per
+    (order, language seed, data options), not once per run."""
+
+    def __init__(self):
+        self.data: dict[tuple, Any] = {}
+
+    def result_path(self, run: GridRun, spec: dict[str, Any], suite_name: str) -> Path:
+        from cpt_bench.plan import RunRequest, apply_set_options, plan_data, result_path
+        from cpt_bench.plugin import method_class
+        from cpt_bench.runner import run_configuration
+        from cpt_bench.suite import load_suite
+
+        sets = [f"{k}={v}" for k, v in run.settings.items()]
+        request = RunRequest(method=run.method, suite=suite_name,
+                             order=run.order.split(",") if run.order else None, seeds=[run.seed],
+                             model=spec.get("model"), data_dir=spec.get("data_dir"), steps=spec.get("steps"),
+                             output=str(Path(spec["output"]).resolve()), device=spec.get("device") or "auto",
+                             eval=spec.get("eval") or "full", limit=spec.get("limit"), sets=sets)
+        suite = load_suite(suite_name)
+        language_seed = run.seed if suite.generator is not None and suite.generator.seed == "run" else None
+        data_sets = tuple(sorted(s for s in sets if s.startswith(("finetune.", "data."))))
+        key = (run.order, language_seed, data_sets)
+        if key not in self.data:
+            self.data[key] = plan_data(request)
+        shared = self.data[key]
+        method_cls = method_class(run.method)
+        plan = dataclasses.replace(shared, request=request, method_cls=method_cls,
+                                   method_settings=method_cls.Settings(), dap=shared.suite.dap,
+                                   finetune=shared.suite.finetune)
+        if request.steps is not None:
+            from cpt_bench.settings import override
+
+            plan.dap = override(plan.dap, "steps", str(request.steps), "dap")
+        apply_set_options(plan, sets)
+        return result_path(plan, run.seed, run_configuration(plan, run.seed))
+
+
+def _refuse_duplicates(runs: list[GridRun], path: Path | str) -> None:
+    seen: dict[Path, GridRun] = {}
+    for run in runs:
+        if run.result in seen:
+            raise BadInput(f"grid file {path}: {seen[run.result].label!r} and {run.label!r} are the same run "
+                           f"(same method, settings, order and seed)")
+        seen[run.result] = run
+
+
+# ---------------------------------------------------------------- the state of each run
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_state(grid: Grid, run: GridRun, **state: Any) -> None:
+    grid.state_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(grid.state_file(run), {"label": run.label, "updated": _now(), **state})
+
+
+def read_state(grid: Grid, run: GridRun) -> dict[str, Any]:
+    try:
+        return json.loads(grid.state_file(run).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _slurm_job_state(job_id: str) -> str | None:
+    """PENDING, RUNNING, ... for a job still known to the scheduler; None for a finished or unknown one."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def checkpoint_reached(grid: Grid, run: GridRun) -> str | None:
+    """'stage S, step N' of the run's newest checkpoint (OUTPUT/.work/<run>/ckpt-S-N), or None."""
+    work = grid.output / ".work" / run.key
+    found = sorted((int(s), int(n)) for s, n in
+                   (entry.name.split("-")[1:] for entry in work.glob("ckpt-*-*") if (entry / "state.json").is_file()))
+    if not found:
+        return None
+    stage, step = found[-1]
+    return f"stage {stage + 1}, step {step}"
+
+
+def run_status(grid: Grid, run: GridRun) -> tuple[str, str]:
+    """(state, detail): done (its result file exists), running (its process or SLURM job is alive), queued (not
+    started, or waiting in the SLURM queue), failed (with the last line of its error), resumable (stopped with a
+    checkpoint: the next sweep continues it)."""
+    if run.result.is_file():
+        return "done", run.result.name
+    state, reached = read_state(grid, run), checkpoint_reached(grid, run)
+    progress = f" ({reached})" if reached else ""
+    job = state.get("job_id")
+    slurm = _slurm_job_state(str(job)) if job else None
+    if slurm in ("PENDING", "REQUEUED", "CONFIGURING"):
+        return "queued", f"SLURM job {job} {slurm.lower()}"
+    if slurm is not None:
+        return "running", f"SLURM job {job}{progress}"
+    if not job and is_active(grid, run):
+        return "running", f"pid {state['pid']}{progress}"
+    if state.get("state") == "failed":
+        return "failed", state.get("error") or f"exit code {state.get('returncode')}"
+    if reached:
+        return "resumable", reached
+    if state.get("state") in ("running", "submitted", "interrupted"):
+        return "failed", f"stopped before its first checkpoint (log: {grid.log_file(run)})"
+    return "queued", "not started"
+
+
+def status_table(grid: Grid) -> str:
+    from tabulate import tabulate
+
+    rows, counts = [], dict.fromkeys(STATES, 0)
+    for run in grid.runs:
+        state, detail = run_status(grid, run)
+        counts[state] += 1
+        rows.append([run.label, state, detail])
+    summary = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
+    return f"{tabulate(rows, headers=['run', 'state', 'detail'], tablefmt='simple')}\n\n{grid.source}: {summary}"
+
+
+def last_error_line(log: Path) -> str:
+    """The line that says what went wrong: the last `error:` line, else the last non-empty line of the log."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if line.startswith(("error:", "Error", "Traceback"))
+              or "Error:" in line]
+    return (errors or lines or [""])[-1][:300]
+
+
+# ---------------------------------------------------------------- running
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(cores: int, parallel: int, processes_per_run: int = 1) -> int:
+    """floor(cores / processes at once), at least 1: two unrestricted torch processes on 2 cores each run several
+    times slower than with one thread each."""
+    return max(1, cores // max(1, parallel * processes_per_run))
+
+
+def run_one(command: list[str], log: Path, threads: int | None, on_start: Callable[[int], None] | None = None) -> int:
+    """Run one `cpt-bench run` process, its output appended to `log`; returns its exit code."""
+    env = dict(os.environ)
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as out:
+        out.write(f"\n[{_now()}] {shlex.join(command)}\n")
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        if on_start is not None:
+            on_start(process.pid)
+        return process.wait()
+
+
+INTERRUPTED = 130  # `cpt-bench run` stopped by a signal after saving its checkpoint
+
+
+def _finish(grid: Grid, run: GridRun, returncode: int, **extra: Any) -> bool:
+    if returncode == 0 and run.result.is_file():
+        write_state(grid, run, state="done", returncode=0, **extra)
+        return True
+    if returncode == INTERRUPTED:  # preempted, timed out or cancelled: resumable, not failed
+        write_state(grid, run, state="interrupted", returncode=returncode, **extra)
+        return False
+    error = last_error_line(grid.log_file(run)) or f"exit code {returncode}"
+    write_state(grid, run, state="failed", returncode=returncode, error=error, **extra)
+    return False
+
+
+def is_active(grid: Grid, run: GridRun) -> bool:
+    """Whether the run's process (this host) or SLURM job (queued or running) is alive: another sweep has it."""
+    state = read_state(grid, run)
+    if state.get("job_id"):
+        return _slurm_job_state(str(state["job_id"])) is not None
+    return state.get("state") == "running" and state.get("host") == socket.gethostname() \
+        and _pid_alive(int(state.get("pid", 0)))
+
+
+def pending_runs(grid: Grid) -> list[GridRun]:
+    """The runs to start: not done, and not running or queued elsewhere (another sweep, a SLURM job)."""
+    return [run for run in grid.runs if not run.result.is_file() and not is_active(grid, run)]
+
+
+def run_local(grid: Grid, max_parallel: int, echo: Callable[[str], None]) -> list[GridRun]:
+    """Run the pending runs in `max_parallel` worker processes at once; returns those that failed."""
+    todo = pending_runs(grid)
+    threads = threads_per_worker(cpu_cores(), min(max_parallel, max(1, len(todo))),
+                                 grid.resources.processes_per_run)
+    echo(f"{len(grid.runs) - len(todo)} of {len(grid.runs)} runs done or running elsewhere; {len(todo)} to run, "
+         f"{max_parallel} at once, {threads} thread(s) each")
+    host = socket.gethostname()
+
+    def work(run: GridRun) -> bool:
+        started = time.perf_counter()
+        returncode = run_one(run.command, grid.log_file(run), threads,
+                             lambda pid: write_state(grid, run, state="running", host=host, pid=pid, started=_now()))
+        ok = _finish(grid, run, returncode, host=host)
+        echo(f"{run.label}: {'done' if ok else 'FAILED: ' + read_state(grid, run).get('error', '')} "
+             f"({time.perf_counter() - started:.0f} s)")
+        return ok
+
+    with ThreadPoolExecutor(max(1, max_parallel)) as pool:
+        outcomes = list(pool.map(work, todo))
+    return [run for run, ok in zip(todo, outcomes) if not ok]
+
+
+def write_report(grid: Grid, echo: Callable[[str], None]) -> None:
+    """The grid's table (and page and plots), as `cpt-bench report` writes them, once every run is done."""
+    if not grid.report or not all(run.result.is_file() for run in grid.runs):
+        return
+    import glob
+
+    from cpt_bench.atomic import write_text_atomic
+    from cpt_bench.report.formats import report as make_report
+
+    more = [match for pattern in grid.report.get("compare_with") or [] for match in sorted(glob.glob(str(pattern)))]
+    paths = [str(grid.output), *more]
+    plots = grid.report.get("plots")
+    if grid.report.get("table"):
+        write_text_atomic(Path(grid.report["table"]), make_report(paths, "markdown", plots_dir=plots) + "\n")
+        echo(f"wrote {grid.report['table']}")
+    if grid.report.get("html"):
+        write_text_atomic(Path(grid.report["html"]), make_report(paths, "html") + "\n")
+        echo(f"wrote {grid.report['html']}")

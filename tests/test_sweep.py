@@ -1,0 +1,191 @@
+"""`cpt-bench sweep` with the local executor: grid files, expansion, skipping, the thread split, status, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import assert_one_line_error, run_cli
+
+
+def write_grid(tmp_path: Path, tiny_suite: Path, **spec) -> Path:
+    grid = {"suite": str(tiny_suite), "methods": ["naive"], "orders": ["cats,dogs"], "seeds": [0],
+            "output": str(tmp_path / "runs"), **spec}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def test_a_grid_is_the_cross_product_of_method_variants_orders_and_seeds(tiny_suite, tmp_path):
+    from cpt_bench.sweep import load_grid
+
+    path = write_grid(tmp_path, tiny_suite, seeds=[0, 1], orders=["cats,dogs", ["dogs", "cats"]],
+                      methods=["naive", {"method": "ewc", "variants": {"weak": {"ewc.weight": 10},
+                                                                       "strong": {"ewc.weight": 1000}}},
+                               "kd@kd.alpha=0.5"],
+                      set={"dap.lr": 0.002})
+    grid = load_grid(path)
+    assert len(grid.runs) == 4 * 2 * 2
+    seen = {(run.method, tuple(sorted(run.settings.items())), run.order, run.seed) for run in grid.runs}
+    assert len(seen) == 16
+    for run in grid.runs:
+        assert run.settings["dap.lr"] == "0.002"  # the common --set values reach every run
+        assert run.command[run.command.index("dap.lr=0.002") - 1:][:2] == ["--set", "dap.lr=0.002"]
+    weights = sorted(run.settings.get("ewc.weight", "-") for run in grid.runs if run.method == "ewc")
+    assert weights == ["10"] * 4 + ["1000"] * 4
+    assert {run.order for run in grid.runs} == {"cats,dogs", "dogs,cats"}
+    assert len({run.result for run in grid.runs}) == 16  # each run its own result file
+
+
+def test_a_sweep_runs_every_run_then_skips_finished_ones_and_writes_the_report(tiny_suite, tmp_path):
+    path = write_grid(tmp_path, tiny_suite, seeds=[0, 1], report={"table": str(tmp_path / "table.md")})
+    first = run_cli("sweep", str(path))
+    assert first.exit_code == 0, first.output
+    results = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(results) == 2
+    assert "| naive" in (tmp_path / "table.md").read_text()
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = run_cli("sweep", str(path))
+    assert again.exit_code == 0, again.output
+    assert "2 of 2 runs done or running elsewhere; 0 to run" in again.output
+    assert [p.stat().st_mtime_ns for p in results] == stamps  # not run again
+    status = run_cli("sweep", "status", str(path))
+    assert status.exit_code == 0
+    assert status.output.count(" done ") == 2, status.output
+
+
+def test_two_local_workers_on_two_cores_run_with_one_thread_each(tiny_suite, tmp_path, monkeypatch):
+    from cpt_bench import sweep
+
+    assert sweep.threads_per_worker(2, 2) == 1
+    assert sweep.threads_per_worker(16, 2) == 8
+    assert sweep.threads_per_worker(2, 4) == 1  # never zero
+    assert sweep.threads_per_worker(16, 2, processes_per_run=2) == 4
+    monkeypatch.setattr(sweep, "cpu_cores", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # what the workers must not inherit
+    path = write_grid(tmp_path, tiny_suite, seeds=[0, 1])
+    result = run_cli("sweep", str(path), "--max-parallel", "2")
+    assert result.exit_code == 0, result.output
+    assert "2 at once, 1 thread(s) each" in result.output
+    for file in (tmp_path / "runs").glob("*.json"):  # what torch used in each worker, recorded by the run
+        assert "1 threads" in json.loads(file.read_text())["provenance"]["device"]
+
+
+def test_status_reports_every_state(tiny_suite, tmp_path):
+    from cpt_bench import sweep
+
+    path = write_grid(tmp_path, tiny_suite, seeds=[0, 1, 2, 3, 4])
+    grid = sweep.load_grid(path)
+    done, running, queued, failed, resumable = grid.runs
+    assert run_cli("run", *done.command[done.command.index("run") + 1:]).exit_code == 0  # done: its result file
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        sweep.write_state(grid, running, state="running", host=socket.gethostname(), pid=sleeper.pid)
+        # failed: a process that ends with an error line, as `cpt-bench run` does
+        code = sweep.run_one([sys.executable, "-c", "import sys; print('error: the data went missing'); sys.exit(2)"],
+                             grid.log_file(failed), threads=1)
+        sweep._finish(grid, failed, code)
+        checkpoint = grid.output / ".work" / resumable.key / "ckpt-1-6"  # as the runner names them
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "state.json").write_text("{}")
+        states = {run.label: sweep.run_status(grid, run) for run in grid.runs}
+        assert states[done.label][0] == "done"
+        assert states[running.label] == ("running", f"pid {sleeper.pid}")
+        assert states[queued.label] == ("queued", "not started")
+        assert states[failed.label] == ("failed", "error: the data went missing")
+        assert states[resumable.label] == ("resumable", "stage 2, step 6")
+        table = run_cli("sweep", "status", str(path))
+        assert table.exit_code == 0
+        assert "1 done, 1 running, 1 queued, 1 failed, 1 resumable" in table.output
+        # a sweep starts neither the done nor the running one
+        assert {run.label for run in sweep.pending_runs(grid)} == {queued.label, failed.label, resumable.label}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sweep.run_status(grid, running)[0] == "failed"  # its process is gone, without a checkpoint
+
+
+def test_a_failed_run_makes_the_sweep_exit_1_and_names_it(tiny_suite, tmp_path):
+    # a data file that the plan reads but whose run fails later is hard to build; a model folder deleted after
+    # the plan is one: the grid is checked (data only), then the run cannot load its model
+    import shutil
+
+    suite = yaml.safe_load(tiny_suite.read_text())
+    model = tmp_path / "model-copy"
+    shutil.copytree(suite["model"], model)
+    suite["model"] = str(model)
+    tiny_suite.write_text(yaml.safe_dump(suite))
+    path = write_grid(tmp_path, tiny_suite)
+    from cpt_bench import sweep
+
+    grid = sweep.load_grid(path)
+    shutil.rmtree(model)
+    failed = sweep.run_local(grid, 1, lambda line: None)
+    assert [run.label for run in failed] == [grid.runs[0].label]
+    state, detail = sweep.run_status(grid, grid.runs[0])
+    assert state == "failed" and detail.startswith("error: "), detail
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    ({"methodz": ["naive"]}, ["unknown key 'methodz'"]),
+    ({"methods": ["nope"]}, ["nope"]),
+    ({"orders": ["cats,birds"]}, ["birds"]),
+    ({"methods": ["naive@dap.nope=1"]}, ["nope"]),
+    ({"resources": {"gpu": 1}}, ["resources: unknown key 'gpu'"]),
+    ({"seeds": ["zero"]}, ["seeds must be integers"]),
+    ({"methods": ["naive", "naive@dap.lr=0.001"]},  # the suite's own learning rate: the same run twice
+     ["'naive cats,dogs seed 0'", "'naive[dap.lr=0.001] cats,dogs seed 0'", "same run"]),
+])
+def test_bad_grid_files_are_one_line_errors_before_anything_runs(edit, fragments, tiny_suite, tmp_path):
+    path = write_grid(tmp_path, tiny_suite)
+    spec = yaml.safe_load(path.read_text())
+    if "methodz" in edit:
+        spec.pop("methods")
+    spec |= edit
+    path.write_text(yaml.safe_dump(spec))
+    result = run_cli("sweep", str(path))
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.json"))
+
+
+def test_slurm_without_submitit_or_sbatch_is_a_one_line_error(tiny_suite, tmp_path, monkeypatch):
+    from cpt_bench import sweep_slurm
+
+    path = write_grid(tmp_path, tiny_suite)
+    monkeypatch.setattr(sweep_slurm, "submitit", None)
+    assert_one_line_error(run_cli("sweep", str(path), "--executor", "slurm"), "submitit", "cpt-bench[slurm]")
+    monkeypatch.undo()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    if sweep_slurm.submitit is not None:
+        assert_one_line_error(run_cli("sweep", str(path), "--executor", "slurm"), "no sbatch on the PATH")
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tiny_suite, tmp_path):
+    path = write_grid(tmp_path, tiny_suite, seeds=[0, 1])
+    result = run_cli("sweep", str(path), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "2 runs, 2 to run" in result.output and "nothing started" in result.output
+    assert "cpt_bench run --method naive" in result.output
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*.json"))
+
+
+def test_the_committed_grid_files_expand(monkeypatch):
+    """The leaderboard's and the sweeps' grid files are valid (they replace the old scripts)."""
+    from cpt_bench.sweep import load_grid
+
+    grids = sorted(Path("results").glob("*/grid.yaml")) + sorted(Path("results/sweeps").glob("*.yaml"))
+    checked = 0
+    for path in grids:
+        spec = yaml.safe_load(path.read_text())
+        if spec.get("data_dir"):  # real data that a fresh clone does not have
+            continue
+        assert load_grid(path).runs, path
+        checked += 1
+    assert checked >= 2, grids
