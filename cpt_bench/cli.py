@@ -78,6 +78,8 @@ def run(
                      ] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="allow a model checkpoint to run its own Python code "
                                                          "(off: such a model is refused)")] = False,
+    report_to: Annotated[str, typer.Option(help="experiment tracker: tensorboard, wandb, mlflow or none (files "
+                                                "under OUTPUT/trackers; W&B offline without credentials)")] = "none",
 ) -> None:
     """Continual DAP over a suite's domains, end-task evaluation, one result file per seed.
 
@@ -96,7 +98,7 @@ def run(
         order=[d.strip() for d in order.split(",")] if order is not None else None,
         seeds=seed or [0], model=model, data_dir=data_dir, steps=steps, output=output, device=device,
         eval=eval, limit=limit, sets=set_ or [], show_progress=not quiet,
-        checkpoint_every=checkpoint_every, fresh=fresh, trust_remote_code=trust_remote_code,
+        checkpoint_every=checkpoint_every, fresh=fresh, trust_remote_code=trust_remote_code, report_to=report_to,
     )
     if checkpoint_every < 0:
         raise BadInput(f"--checkpoint-every must be 0 or positive, got {checkpoint_every}")

@@ -49,6 +49,7 @@ class RunRequest:
     fresh: bool = False  # ignore (and delete) the run's checkpoints
     resume: bool = True  # False: no work directory at all (nothing saved, nothing resumed)
     trust_remote_code: bool = False  # run a checkpoint's own Python code (only on the user's explicit flag)
+    report_to: str = "none"  # an experiment tracker through accelerate (tracking.py); not part of the run's identity
 
 
 @dataclasses.dataclass
@@ -145,6 +146,9 @@ def check_request(request: RunRequest) -> None:
         raise BadInput(f"--limit must be positive, got {request.limit}")
     if not request.seeds:
         raise BadInput("no --seed given")
+    from cpt_bench.tracking import check_tracker
+
+    check_tracker(request.report_to)
 
 
 def apply_set_options(plan: RunPlan, options: list[str]) -> set[str]:
@@ -308,5 +312,8 @@ def make_accelerator(plan: RunPlan):
 
     # "auto" without a GPU is the CPU, said explicitly: accelerate joins several launched processes on the CPU
     # (gloo) only when told cpu=True, and otherwise runs each of them alone
+    from cpt_bench.tracking import accelerator_options
+
     cpu = plan.request.device == "cpu" or (plan.request.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, mixed_precision=plan.dap.precision)
+    return Accelerator(cpu=cpu, mixed_precision=plan.dap.precision,
+                       **accelerator_options(plan.request.report_to, plan.request.output))

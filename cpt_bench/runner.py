@@ -31,6 +31,7 @@ from cpt_bench.results import RunIdentity, RunProgress, build_result, command_li
 from cpt_bench.rng import derive_seed, rng_state, rng_state_as_json, set_rng_state
 from cpt_bench.settings import DataSettings, as_dict, hashed_dap_settings
 from cpt_bench.stage import SequenceState, Stage
+from cpt_bench.tracking import RunTracker
 from cpt_bench.trainer import Checkpointing, DapTrainer
 
 EVALUATOR_NAMES = {"head": "fine-tune a classification head on the first token",
@@ -84,7 +85,9 @@ class SeedRun:
             self.evaluate_row(index, stage)
             if index < len(self.stages) - 1:  # the row is complete: the next stage starts from here
                 self.save_checkpoint(index)
-        return RunOutput(self.path, self.result(), self.method.artifacts(), self.work)
+        result = self.result()
+        self.tracker.finish(result)
+        return RunOutput(self.path, result, self.method.artifacts(), self.work)
 
     def configuration(self) -> dict[str, Any]:
         return run_configuration(self.plan, self.seed)
@@ -133,6 +136,9 @@ class SeedRun:
         self.compute = ComputeCounter(self.progress.flops)  # counts DAP's passes, not the evaluations'
         self.trainer = DapTrainer(self.accelerator, plan.tokenizer, plan.dap, self.method, self.seed,
                                   plan.request.show_progress)
+        self.tracker = RunTracker(self.accelerator, self.path.stem, self.configuration(),
+                                  [plan.dap.steps * stage.steps_scale for stage in self.stages])
+        self.trainer.on_step = self.tracker.step
         with self.compute.counting():
             self.method.before_sequence(SequenceState(self.model, plan.tokenizer, self.accelerator, plan.domains,
                                                       self.seed, [task.train.texts for task in data.tasks],
@@ -177,7 +183,13 @@ class SeedRun:
                                      functools.partial(self.end_task_scores, domain))
         probes = {probe.name: measure(f"probe:{probe.name}", functools.partial(self.probe_scores, probe))
                   for probe in plan.data.probes}
-        self.progress.add_row(scores, probes, measure("perplexity", self.perplexity_row))
+        perplexities = measure("perplexity", self.perplexity_row)
+        self.progress.add_row(scores, probes, perplexities)
+        logged = {f"eval/{plan.data.tasks[j].name}/macro_f1": s["macro_f1"] for j, s in enumerate(scores) if s}
+        logged |= {f"probe/{name}/macro_f1": probe["macro_f1"] for name, probe in probes.items()}
+        logged |= {f"perplexity/{corpus}": ppl
+                   for corpus, (ppl, _) in zip(self.progress.perplexity["corpora"], perplexities)}
+        self.tracker.stage(index, logged)
 
     def end_task_scores(self, domain: int) -> dict[str, Any]:
         task = self.plan.data.tasks[domain]

@@ -99,6 +99,9 @@ class DapTrainer:
         # checkpoints), and whether the stage just trained started from it
         self.carried_optimizer: dict[str, Any] | None = None
         self.carried_into_stage = False
+        # called after every optimizer step with (stage index, steps done in the stage, {loss, lr, tokens/s, ...}):
+        # the experiment tracker's feed (tracking.RunTracker.step)
+        self.on_step: Callable[[int, int, dict[str, float]], None] | None = None
 
     def train_stage(self, model: nn.Module, blocks, stage: Stage, stage_index: int,
                     checkpointing: Checkpointing | None = None) -> StageRecord:
@@ -122,9 +125,13 @@ class DapTrainer:
         for step in range(first_step, total_steps):
             batch = self._optimizer_step(state, parameters, scheduler, batches, batch, progress)
             bar.update(1)
-            bar.set_postfix(loss=f"{progress.losses[-1]:.3f}",
-                            tok_s=f"{progress.tokens / max(time.perf_counter() - started, 1e-9):.0f}",
+            tokens_per_second = progress.tokens / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{progress.losses[-1]:.3f}", tok_s=f"{tokens_per_second:.0f}",
                             refresh=False)  # redraw on tqdm's interval, not every step
+            if self.on_step is not None:
+                terms = {f"loss/{name}": values[-1] for name, values in progress.terms.items() if values}
+                self.on_step(stage_index, step + 1, {"loss": progress.losses[-1], "lr": scheduler.get_last_lr()[0],
+                                                     "tokens_per_second": tokens_per_second, **terms})
             if checkpointing is not None and step + 1 < total_steps:
                 self._maybe_checkpoint(checkpointing, state, scheduler, progress, started, bar)
         bar.close()
