@@ -112,9 +112,24 @@ class StopSignal:
     """Turns SIGINT/SIGTERM/SIGUSR2 into a flag that the run checks between steps (a second signal stops at once)."""
 
     def __init__(self, enabled: bool = True):
-        self.requested: str | None = None
-        self.enabled = enabled  # off: the signals keep their default effect (multi-process runs stop at once)
+        self.received: str | None = None  # the signal this process received
+        self.enabled = enabled  # off: the signals keep their default effect
         self._previous: dict[int, Any] = {}
+        self._accelerator = None  # several processes: `requested` is agreed between them
+
+    def across(self, accelerator) -> StopSignal:
+        """With several processes, a signal received by any of them stops all at the same step: every read of
+        `requested` is then a collective (each process reads it at the same points of the same loop)."""
+        self._accelerator = accelerator if accelerator.num_processes > 1 else None
+        return self
+
+    @property
+    def requested(self) -> str | None:
+        if self._accelerator is not None:
+            flag = torch.tensor([1.0 if self.received else 0.0], device=self._accelerator.device)
+            if self._accelerator.reduce(flag, reduction="sum").item() > 0 and self.received is None:
+                self.received = "a signal to another process"
+        return self.received
 
     def __enter__(self) -> StopSignal:  # noqa: PYI034  (typing.Self needs Python 3.11)
         for sig in STOP_SIGNALS if self.enabled else ():
@@ -128,9 +143,9 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None:
+        if self.received is not None:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.received = signal.Signals(signum).name
 
 
 # ---------------------------------------------------------------- the work directory
@@ -138,9 +153,10 @@ class StopSignal:
 class WorkDir:
     """The resumable state of one run (one method, order, seed and configuration)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, writer: bool = True):
         self.path = path
         self.enabled = enabled
+        self.writer = writer  # False: a process of a multi-process run other than the main one reads, never writes
 
     @property
     def progress_file(self) -> Path:
@@ -156,7 +172,7 @@ class WorkDir:
         return unflatten(skeleton, {})
 
     def save_progress(self, progress: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.writer:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
@@ -183,7 +199,7 @@ class WorkDir:
         return stage, step, load_state(folder)
 
     def save_checkpoint(self, stage: int, step: int, state: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.writer:
             return
         folder = self.path / f"ckpt-{stage}-{step}"
         save_state(state, folder)

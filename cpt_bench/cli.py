@@ -105,8 +105,8 @@ def run(
     plans = plans_by_seed(request)
     first = next(plans)  # every option checked before any work
     accelerator = make_accelerator(first[1])
-    # several processes would not stop at the same step, and they are not checkpointed: signals act at once
-    with StopSignal(enabled=accelerator.num_processes == 1) as stop:
+    # several processes agree on a stop (any one's signal stops all at the same step) and are checkpointed alike
+    with StopSignal().across(accelerator) as stop:
         for one_seed, plan in itertools.chain([first], plans):
             try:
                 run = execute(plan, one_seed, accelerator, stop)

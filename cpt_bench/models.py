@@ -240,8 +240,11 @@ def mlm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor], body: 
     positions = (labels != -100).nonzero().squeeze(1)
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     if positions.numel() == 0:
-        # keep the graph connected so every process runs the same backward
-        return hidden.sum() * 0.0, hidden
+        # no masked position in this process's rows: a zero loss through the whole LM, MLM head included, so that
+        # every parameter gets its (zero) gradient and each process reduces the same gradient buckets (a loss
+        # through the encoder alone left the head's bucket unreduced here and desynchronised the processes)
+        logits = vocabulary_logits(model, hidden.flatten(0, 1)[:1], vocab_pad_multiple(vocab_pad, hidden.device))
+        return logits.float().sum() * 0.0, hidden
     logits = vocabulary_logits(model, hidden.flatten(0, 1).index_select(0, positions),
                                vocab_pad_multiple(vocab_pad, hidden.device))
     return nn.functional.cross_entropy(logits.float(), labels.index_select(0, positions)), hidden

@@ -47,3 +47,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(as_bytes(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([as_bytes(t) for t in state["cuda"]])
+
+
+def process_rng_state(accelerator=None, as_json: bool = False) -> dict[str, Any]:
+    """This process's `rng_state()`; with several processes, every process's, by rank (each draws its own
+    dropout), gathered to all of them. With several processes this is a collective: every process calls it."""
+    state = rng_state_as_json() if as_json else rng_state()
+    if accelerator is None or accelerator.num_processes == 1:
+        return state
+    from accelerate.utils import gather_object
+
+    return {"per_process": gather_object([state])}
+
+
+def set_process_rng_state(state: dict[str, Any], accelerator=None) -> None:
+    """Restore `process_rng_state()`: a process takes its own rank's state."""
+    if "per_process" in state:
+        from cpt_bench.errors import BadInput
+
+        processes = 1 if accelerator is None else accelerator.num_processes
+        if len(state["per_process"]) != processes:
+            raise BadInput(f"the checkpoint was made by {len(state['per_process'])} processes and this run has "
+                           f"{processes}: resume with {len(state['per_process'])}, or add --fresh to start over")
+        state = state["per_process"][accelerator.process_index]
+    set_rng_state(state)

@@ -28,7 +28,7 @@ from cpt_bench.evaluator import EndTaskEvaluator
 from cpt_bench.perplexity import heldout_scores
 from cpt_bench.plan import LoadedData, RunPlan, result_path
 from cpt_bench.results import RunIdentity, RunProgress, build_result, command_line, git_commit, versions
-from cpt_bench.rng import derive_seed, rng_state, rng_state_as_json, set_rng_state
+from cpt_bench.rng import derive_seed, process_rng_state, set_process_rng_state
 from cpt_bench.settings import DataSettings, as_dict, hashed_dap_settings
 from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.tracking import RunTracker
@@ -67,8 +67,9 @@ class SeedRun:
             if unknown:
                 raise ValueError(f"method {self.method.name} planned a stage on unknown corpus {unknown[0]!r}")
         self.path = result_path(plan, seed, self.configuration())
-        self.work = WorkDir(Path(plan.request.output) / ".work" / self.path.stem,
-                            enabled=plan.request.resume and accelerator.num_processes == 1)
+        # several processes: each reads the checkpoints, the main process alone writes them
+        self.work = WorkDir(Path(plan.request.output) / ".work" / self.path.stem, enabled=plan.request.resume,
+                            writer=accelerator.is_main_process)
         self.progress: RunProgress | None = None
         self.segment_started = 0.0  # perf_counter when this process took the run over
 
@@ -101,7 +102,9 @@ class SeedRun:
                                           causal=plan.data.causal)
         self.evaluator.stop = self.stop
         if plan.request.fresh:
-            self.work.clear()
+            if self.work.writer:
+                self.work.clear()
+            self.accelerator.wait_for_everyone()  # no process reads what the main process is deleting
         try:
             checkpoint = self.work.latest()  # (stage, step, state) of the newest checkpoint, or None
         except Exception as error:  # noqa: BLE001 - any damage or format change of the saved files
@@ -152,7 +155,7 @@ class SeedRun:
                            f"({type(error).__name__}: {error}); run with --fresh to start over") from None
         if checkpoint["kind"] == "stage_end":  # a mid-stage checkpoint's weights are the trainer's to restore
             self.model.load_state_dict(checkpoint["model"])
-            set_rng_state(checkpoint["rng"])
+            set_process_rng_state(checkpoint["rng"], self.accelerator)
             self.trainer.carried_optimizer = checkpoint.get("optimizer")
 
     # ---- one stage: train, evaluate, checkpoint
@@ -176,7 +179,7 @@ class SeedRun:
         plan = self.plan
         last = index == len(self.stages) - 1
         scheduled = self.progress.learned if plan.request.eval == "full" or last else sorted(self.trained_by(stage))
-        measure = RowMeasurements(self.work, index, stage.name, self.stop)
+        measure = RowMeasurements(self.work, index, stage.name, self.stop, self.accelerator)
         scores: list[dict[str, Any] | None] = [None] * len(plan.domains)
         for domain in self.method.end_tasks_to_evaluate(index, list(scheduled)):
             scores[domain] = measure(f"task:{plan.data.tasks[domain].name}",
@@ -214,7 +217,7 @@ class SeedRun:
 
     def save_checkpoint(self, index: int) -> None:
         checkpoint = {"kind": "stage_end", "run": self.progress_state(), "method": self.method.state_dict(),
-                      "model": self.model.state_dict(), "rng": rng_state()}
+                      "model": self.model.state_dict(), "rng": process_rng_state(self.accelerator)}
         if self.trainer.carried_optimizer is not None:  # dap.optimizer_state=carry: the next stage starts from it
             checkpoint["optimizer"] = self.trainer.carried_optimizer
         self.work.save_checkpoint(index, self.progress.stage_records[-1]["steps"], checkpoint)
@@ -289,19 +292,20 @@ class RowMeasurements:
     """The measurements of one row of the matrix, each replayed from progress.json if an interrupted process
     made it already (with the random state after it), else made and saved there."""
 
-    def __init__(self, work: WorkDir, row: int, stage_name: str, stop: StopSignal):
+    def __init__(self, work: WorkDir, row: int, stage_name: str, stop: StopSignal, accelerator=None):
         self.work, self.row, self.stage_name, self.stop = work, row, stage_name, stop
+        self.accelerator = accelerator
         progress = work.load_progress()
         self.done = dict(progress["evaluations"]) if progress and progress.get("row") == row else {}
 
     def __call__(self, key: str, compute: Callable[[], Any]) -> Any:
         if key in self.done:
-            set_rng_state(self.done[key]["rng"])
+            set_process_rng_state(self.done[key]["rng"], self.accelerator)
             return self.done[key]["value"]
         if self.stop.requested:
             raise StopRequested(f"stopped by {self.stop.requested} while evaluating after stage {self.stage_name!r}")
         value = compute()
-        self.done[key] = {"value": value, "rng": rng_state_as_json()}
+        self.done[key] = {"value": value, "rng": process_rng_state(self.accelerator, as_json=True)}
         self.work.save_progress({"row": self.row, "evaluations": self.done})
         return value
 

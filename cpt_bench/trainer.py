@@ -19,7 +19,7 @@ from cpt_bench.models import encoder, mlm_loss_and_hidden
 from cpt_bench.optim import adamw, stage_schedule
 from cpt_bench.plugin import Method
 from cpt_bench.progress import progress_bar
-from cpt_bench.rng import rng_state, set_rng_state
+from cpt_bench.rng import process_rng_state, set_process_rng_state
 from cpt_bench.settings import DapSettings
 from cpt_bench.stage import Stage, StageState
 
@@ -117,7 +117,7 @@ class DapTrainer:
         for _ in range(state.step * s.grad_accum):  # replay the data order and masking up to the checkpoint
             next(batches)
         if resume is not None:
-            set_rng_state(resume["rng"])  # dropout continues as if never interrupted
+            set_process_rng_state(resume["rng"], self.accelerator)  # dropout continues as if never interrupted
         bar = progress_bar(total_steps, f"DAP {stage.name}", self.show_progress, initial=state.step)
         started = time.perf_counter() - progress.seconds
         first_step, before = state.step, _fingerprints(parameters)
@@ -244,7 +244,7 @@ class DapTrainer:
         if stop or (checkpointing.every and state.step % checkpointing.every == 0):
             checkpointing.save(state.step, {
                 "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": state.step,
+                "scheduler": scheduler.state_dict(), "rng": process_rng_state(self.accelerator), "step": state.step,
                 "losses": progress.losses, "terms": progress.terms, "tokens": progress.tokens,
                 "skipped": progress.skipped, "seconds": time.perf_counter() - started,
                 "carried_into_stage": self.carried_into_stage})

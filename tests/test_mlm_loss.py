@@ -54,3 +54,16 @@ def test_vocabulary_is_padded_on_a_gpu_only_unless_asked():
     assert vocab_pad_multiple(0, torch.device("cpu")) == 1  # CPU results stay those of the unpadded decoder
     assert vocab_pad_multiple(0, torch.device("cuda")) == 64
     assert vocab_pad_multiple(8, torch.device("cpu")) == 8
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_rows_with_nothing_masked_give_a_zero_loss_with_a_gradient_for_every_parameter(kind):
+    """Several processes reduce their gradients bucket by bucket: a process whose rows have no masked position
+    must still give every parameter (the MLM head's too) a gradient, zero, or the processes fall out of step."""
+    model, batch = _model(kind), _batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    normal = set(_loss_and_gradients(model, lambda m: mlm_loss_and_hidden(m, _batch())[0])[1])
+    loss, grads = _loss_and_gradients(model, lambda m: mlm_loss_and_hidden(m, batch)[0])
+    assert loss.item() == 0.0
+    assert set(grads) == normal
+    assert all(grad.abs().max() == 0 for grad in grads.values())

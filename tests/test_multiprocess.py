@@ -170,3 +170,42 @@ def test_accumulated_micro_batches_reduce_gradients_once_per_step(tiny_model_dir
     assert one["reductions"] > 0 and accumulated["reductions"] == one["reductions"]
     assert every["reductions"] == 2 * one["reductions"]
     assert accumulated["losses"] == pytest.approx(every["losses"], rel=1e-5)
+
+
+def launch_in_background(tiny_suite: Path, output: Path, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "cpt_bench", "run", "--suite", str(tiny_suite), "--output", str(output), "--quiet", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_two_process_run_stopped_by_a_signal_resumes_to_the_uninterrupted_result(tiny_suite, tmp_path):
+    """Multi-process runs are checkpointed like single-process ones: SIGTERM to the launcher (as `scancel` or a
+    preemption gives) makes both processes stop at the same step and the main one save; the same command then
+    resumes and ends with the uninterrupted two-process run's result (each process's random state restored)."""
+    import signal
+    import time
+
+    from interruptions import assert_same_result
+
+    args = ("--method", "softmask", "--steps", "40", "--checkpoint-every", "3")
+    reference = launch_in_background(tiny_suite, tmp_path / "reference", *args)
+    assert reference.wait(timeout=600) == 0, reference.communicate()[1][-3000:]
+    out = tmp_path / "stopped"
+    process = launch_in_background(tiny_suite, out, *args)
+    deadline = time.monotonic() + 300
+    while not list((out / ".work").glob("*/ckpt-1-*/state.json")):  # inside the second stage
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "checkpoint saved" in stderr, stderr[-3000:]
+    assert not list(out.glob("*.json"))
+    resumed = launch(tiny_suite, out, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    assert_same_result(only_result(out), only_result(tmp_path / "reference"))
+    assert "processes=2" in only_result(out)["provenance"]["device"]

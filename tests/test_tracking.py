@@ -11,9 +11,8 @@ from conftest import assert_one_line_error, run_cli
 
 def test_tensorboard_logs_steps_stage_scores_and_the_final_matrix(tiny_suite, tmp_path):
     pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     suite = yaml.safe_load(tiny_suite.read_text())
     tiny_suite.write_text(yaml.safe_dump({**suite, "perplexity": {"heldout_texts": 10}}))  # a perplexity matrix
