@@ -6,5 +6,6 @@ from cpt_bench.plugin import Method, register
 @register
 class Base(Method):
     name = "base"
+    supports_fsdp = True
     description = "no DAP: end tasks fine-tuned from the original model"
     trains_lm = False

@@ -11,6 +11,7 @@ from cpt_bench.stage import Stage
 @register
 class Joint(Method):
     name = "joint"
+    supports_fsdp = True
     aliases = ("mtl",)
     description = "multi-task reference: one DAP stage on all domains mixed (same token budget)"
 

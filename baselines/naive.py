@@ -9,5 +9,6 @@ from cpt_bench.plugin import Method, register
 @register
 class Naive(Method):
     name = "naive"
+    supports_fsdp = True
     aliases = ("ncl",)
     description = "continual DAP with no protection (the paper's NCL)"

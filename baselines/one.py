@@ -12,6 +12,7 @@ from cpt_bench.plugin import Method, register
 @register
 class One(Method):
     name = "one"
+    supports_fsdp = True
     description = "non-continual reference: every domain DAP-trained from the original model"
 
     def before_sequence(self, sequence) -> None:

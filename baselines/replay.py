@@ -29,6 +29,7 @@ class ReplaySettings(MethodSettings):
 @register
 class Replay(Method):
     name = "replay"
+    supports_fsdp = True
     description = "naive DAP with a fraction of every batch replayed from earlier domains and/or general text " \
                   "(compute-equivalent: the same tokens as naive)"
     Settings = ReplaySettings

@@ -87,7 +87,7 @@ def run(
     command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
     from cpt_bench.atomic import write_json_atomic
     from cpt_bench.checkpoint import StopRequested, StopSignal
-    from cpt_bench.plan import RunRequest, make_accelerator, plans_by_seed
+    from cpt_bench.plan import RunRequest, check_distributed, make_accelerator, plans_by_seed
     from cpt_bench.results import write_artifacts
     from cpt_bench.runner import execute
     from cpt_bench.suite import DEFAULT_SUITE
@@ -105,6 +105,7 @@ def run(
     plans = plans_by_seed(request)
     first = next(plans)  # every option checked before any work
     accelerator = make_accelerator(first[1])
+    check_distributed(first[1], accelerator)
     # several processes agree on a stop (any one's signal stops all at the same step) and are checkpointed alike
     with StopSignal().across(accelerator) as stop:
         for one_seed, plan in itertools.chain([first], plans):

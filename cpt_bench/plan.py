@@ -307,6 +307,19 @@ def result_path(plan: RunPlan, seed: int, config: dict[str, Any]) -> Path:
 
 
 
+def check_distributed(plan: RunPlan, accelerator) -> None:
+    """Under FSDP (an accelerate config with `distributed_type: FSDP`) each process holds a shard of each
+    parameter: a method that needs parameters whole is refused before any training (docs/sweeps.md)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not plan.method_cls.supports_fsdp:
+        from cpt_bench.plugin import registered_methods
+
+        ready = sorted(name for name, cls in registered_methods().items() if cls.supports_fsdp)
+        raise BadInput(f"method {plan.method_cls.name} needs its parameters whole and cannot run under FSDP "
+                       f"(methods that can: {', '.join(ready)}); use DDP: accelerate launch --multi_gpu")
+
+
 def make_accelerator(plan: RunPlan):
     from accelerate import Accelerator
 

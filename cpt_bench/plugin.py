@@ -64,6 +64,9 @@ class Method:
     # True: acts on attention heads and FFN neurons (cpt_bench.units), so a model family without a unit map is
     # refused when the run is planned, before any training
     needs_unit_map: ClassVar[bool] = False
+    # True: trains through the standard loss and optimizer only, nothing that needs a parameter whole (per-unit
+    # slices, per-parameter Fisher, weight copies), so it runs with parameters sharded by FSDP; False: refused there
+    supports_fsdp: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings | None = None):
         self.settings = settings if settings is not None else self.Settings()

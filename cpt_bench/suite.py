@@ -100,7 +100,7 @@ class PerplexitySettings(Validated):
     blocks: int = 32  # held-out blocks scored per corpus; 0 turns the matrix off
     heldout_texts: int = 200  # texts cut from the end of a corpus that has no `heldout` source (not trained on)
     # a dev slice cut from such a corpus too (before its held-out texts): neither trained on nor reported, for
-    # tuning (`score: dev` makes the matrix score it instead; benchmarks/sweep.py does that)
+    # tuning (`score: dev` makes the matrix score it instead; benchmarks/tuning.py's grids do that)
     dev_texts: int = 0
     score: Literal["heldout", "dev"] = "heldout"
 

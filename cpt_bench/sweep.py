@@ -28,7 +28,8 @@ from cpt_bench.atomic import write_json_atomic
 from cpt_bench.errors import BadInput
 
 GRID_KEYS = {"suite", "model", "data_dir", "methods", "orders", "seeds", "set", "eval", "limit", "steps", "device",
-             "checkpoint_every", "output", "report", "resources", "report_to"}
+             "checkpoint_every", "output", "report", "resources", "report_to",
+             "tuning"}  # tuning: what benchmarks/tuning.py records in a tuning grid (the sweep ignores it)
 METHOD_KEYS = {"method", "settings", "variants"}
 REPORT_KEYS = {"table", "html", "plots", "compare_with"}
 RESOURCE_KEYS = {"gpus", "processes", "cpus", "mem_gb", "time_min", "partition", "setup", "slurm"}

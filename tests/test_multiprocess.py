@@ -209,3 +209,22 @@ def test_a_two_process_run_stopped_by_a_signal_resumes_to_the_uninterrupted_resu
     assert "resuming" in resumed.stderr
     assert_same_result(only_result(out), only_result(tmp_path / "reference"))
     assert "processes=2" in only_result(out)["provenance"]["device"]
+
+
+def test_methods_that_need_whole_parameters_are_refused_under_fsdp(tiny_suite):
+    """FSDP shards every parameter across processes: soft-masking's per-unit slices (and any method not marked
+    `supports_fsdp`) cannot work there, and say so in one line before training; naive can."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from cpt_bench.errors import BadInput
+    from cpt_bench.plan import RunRequest, check_distributed, plan_data
+
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    softmask = plan_data(RunRequest(method="softmask", suite=str(tiny_suite)))
+    with pytest.raises(BadInput, match="method softmask needs its parameters whole and cannot run under FSDP"):
+        check_distributed(softmask, fsdp)
+    check_distributed(softmask, ddp)
+    check_distributed(plan_data(RunRequest(method="naive", suite=str(tiny_suite))), fsdp)
