@@ -180,12 +180,12 @@ def test_the_committed_grid_files_expand(monkeypatch):
     """The leaderboard's and the sweeps' grid files are valid (they replace the old scripts)."""
     from cpt_bench.sweep import load_grid
 
-    grids = sorted(Path("results").glob("*/grid.yaml")) + sorted(Path("results/sweeps").glob("*.yaml"))
+    grids = sorted(Path("results").rglob("grid.yaml")) + sorted(Path("results/sweeps").glob("*.yaml"))
     checked = 0
     for path in grids:
         spec = yaml.safe_load(path.read_text())
-        if spec.get("data_dir"):  # real data that a fresh clone does not have
+        if "domains" in spec or spec.get("data_dir"):  # a suite (the dev copy), or real data a clone lacks
             continue
         assert load_grid(path).runs, path
         checked += 1
-    assert checked >= 2, grids
+    assert checked >= 8, grids  # the leaderboard, softmask controls, decoder, llm-baselines, 4 tuning sweeps
