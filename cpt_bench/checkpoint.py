@@ -165,6 +165,15 @@ class WorkDir:
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def claim(self) -> None:
+        """Say which process runs this run (owner.json: host and pid), so that `cpt-bench sweep status` sees a
+        run started outside a sweep as running, and no sweep starts it a second time."""
+        if self.enabled and self.writer:
+            import socket
+
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path / "owner.json", {"host": socket.gethostname(), "pid": os.getpid()})
+
     def load_progress(self) -> dict[str, Any] | None:
         if not self.enabled or not self.progress_file.is_file():
             return None

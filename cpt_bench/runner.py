@@ -105,6 +105,7 @@ class SeedRun:
             if self.work.writer:
                 self.work.clear()
             self.accelerator.wait_for_everyone()  # no process reads what the main process is deleting
+        self.work.claim()
         try:
             checkpoint = self.work.latest()  # (stage, step, state) of the newest checkpoint, or None
         except Exception as error:  # noqa: BLE001 - any damage or format change of the saved files

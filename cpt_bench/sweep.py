@@ -347,8 +347,9 @@ def run_status(grid: Grid, run: GridRun) -> tuple[str, str]:
         return "queued", f"SLURM job {job} {slurm.lower()}"
     if slurm is not None:
         return "running", f"SLURM job {job}{progress}"
-    if not job and is_active(grid, run):
-        return "running", f"pid {state['pid']}{progress}"
+    if is_active(grid, run):
+        pid = state["pid"] if state.get("state") == "running" and not job else "outside this sweep"
+        return "running", f"pid {pid}{progress}"
     if state.get("state") == "failed":
         return "failed", state.get("error") or f"exit code {state.get('returncode')}"
     if reached:
@@ -427,12 +428,19 @@ def _finish(grid: Grid, run: GridRun, returncode: int, **extra: Any) -> bool:
 
 
 def is_active(grid: Grid, run: GridRun) -> bool:
-    """Whether the run's process (this host) or SLURM job (queued or running) is alive: another sweep has it."""
+    """Whether the run's SLURM job (queued or running) or its process on this host is alive: another sweep, or
+    a `cpt-bench run` started by hand (its work directory's owner.json), has it."""
     state = read_state(grid, run)
-    if state.get("job_id"):
-        return _slurm_job_state(str(state["job_id"])) is not None
-    return state.get("state") == "running" and state.get("host") == socket.gethostname() \
-        and _pid_alive(int(state.get("pid", 0)))
+    if state.get("job_id") and _slurm_job_state(str(state["job_id"])) is not None:
+        return True
+    here = socket.gethostname()
+    if state.get("state") == "running" and state.get("host") == here and _pid_alive(int(state.get("pid", 0))):
+        return True
+    try:
+        owner = json.loads((grid.output / ".work" / run.key / "owner.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return owner.get("host") == here and _pid_alive(int(owner.get("pid", 0)))
 
 
 def pending_runs(grid: Grid) -> list[GridRun]:

@@ -189,3 +189,43 @@ def test_the_committed_grid_files_expand(monkeypatch):
         assert load_grid(path).runs, path
         checked += 1
     assert checked >= 8, grids  # the leaderboard, softmask controls, decoder, llm-baselines, 4 tuning sweeps
+
+
+def test_a_run_started_by_hand_is_seen_running_and_not_started_twice(tiny_suite, tmp_path):
+    """`cpt-bench run` claims its work directory (owner.json: host, pid); a sweep leaves such a run alone."""
+    import socket
+
+    from cpt_bench import sweep
+
+    grid = sweep.load_grid(write_grid(tmp_path, tiny_suite))
+    (run,) = grid.runs
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        work = grid.output / ".work" / run.key
+        work.mkdir(parents=True)
+        (work / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
+        assert sweep.run_status(grid, run)[0] == "running"
+        assert sweep.pending_runs(grid) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sweep.pending_runs(grid) == [run]  # its process gone: the next sweep takes it
+
+
+def test_a_run_claims_its_work_directory_while_it_runs(tiny_suite, tmp_path, monkeypatch):
+    import os
+
+    from cpt_bench import checkpoint
+
+    seen = []
+    original = checkpoint.WorkDir.save_checkpoint
+
+    def spy(self, stage, step, state):
+        seen.append(json.loads((self.path / "owner.json").read_text()))
+        return original(self, stage, step, state)
+
+    monkeypatch.setattr(checkpoint.WorkDir, "save_checkpoint", spy)
+    result = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--output", str(tmp_path / "out"),
+                     "--quiet")
+    assert result.exit_code == 0, result.output
+    assert seen and all(owner["pid"] == os.getpid() for owner in seen)
