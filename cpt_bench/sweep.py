@@ -32,7 +32,7 @@ GRID_KEYS = {"suite", "model", "data_dir", "methods", "orders", "seeds", "set", 
              "tuning"}  # tuning: what benchmarks/tuning.py records in a tuning grid (the sweep ignores it)
 METHOD_KEYS = {"method", "settings", "variants"}
 REPORT_KEYS = {"table", "html", "plots", "compare_with"}
-RESOURCE_KEYS = {"gpus", "processes", "cpus", "mem_gb", "time_min", "partition", "setup", "slurm"}
+RESOURCE_KEYS = {"gpus", "processes", "cpus", "mem_gb", "time_min", "signal_delay_s", "partition", "setup", "slurm"}
 STATES = ("done", "running", "queued", "failed", "resumable")
 
 
@@ -45,6 +45,7 @@ class Resources:
     cpus: int = 2  # CPU cores per run
     mem_gb: float = 16
     time_min: int = 120  # the job's time limit; a run cut by it is requeued and resumes from its checkpoint
+    signal_delay_s: int = 90  # SIGUSR2 this long before the limit: the run saves its checkpoint and is requeued
     partition: str | None = None
     setup: list[str] = dataclasses.field(default_factory=list)  # lines run before each job (module load, venv)
     slurm: dict[str, Any] = dataclasses.field(default_factory=dict)  # more sbatch options, e.g. {account: X}
@@ -201,7 +202,7 @@ def _resources(spec: Any, path: Path | str) -> Resources:
     resources = Resources(**spec)
     if isinstance(resources.setup, str):
         resources.setup = [resources.setup]
-    for name in ("gpus", "processes", "cpus", "time_min"):
+    for name in ("gpus", "processes", "cpus", "time_min", "signal_delay_s"):
         value = getattr(resources, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise BadInput(f"grid file {path}: resources.{name} must be a non-negative integer, got {value!r}")

@@ -58,6 +58,7 @@ def submit(grid: Grid, max_parallel: int, echo: Callable[[str], None]) -> list[s
     executor = submitit.AutoExecutor(folder=grid.state_dir / "slurm" / "%j", cluster="slurm")
     options = {"timeout_min": resources.time_min, "cpus_per_task": resources.cpus, "mem_gb": resources.mem_gb,
                "slurm_array_parallelism": max_parallel, "name": f"cpt-bench-{grid.source.stem}",
+               "slurm_signal_delay_s": resources.signal_delay_s,
                "slurm_setup": list(resources.setup), "slurm_additional_parameters": dict(resources.slurm)}
     if resources.gpus:
         options["gpus_per_node"] = resources.gpus
