@@ -5,10 +5,12 @@ Each run (one result file) is one tracker run, named after its result file, that
   at the global step (the steps of the earlier stages plus the stage's own);
 - after every stage: each evaluated end task's macro-F1 (`eval/<task>/macro_f1`), each probe, each held-out
   perplexity (`perplexity/<corpus>`);
-- at the end: the final metrics (`final/<metric>`) and the score matrix as a Markdown table (`matrix/macro_f1`).
+- at the end: the final metrics (`final/<metric>`) and the score matrix as a Markdown table (`matrix/macro_f1`)
+  and cell by cell (`matrix/after_<stage>/<task>`).
 
-Everything stays on this machine: TensorBoard event files and MLflow's file store under OUTPUT/trackers, W&B in
-offline mode unless credentials (WANDB_API_KEY) or WANDB_MODE say otherwise.
+Everything stays on this machine: TensorBoard event files and an MLflow file store (mlruns/) under
+OUTPUT/trackers, W&B in offline mode under OUTPUT/trackers/wandb unless credentials (WANDB_API_KEY) or WANDB_MODE
+say otherwise; MLFLOW_TRACKING_URI and WANDB_DIR, when set, win.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ def accelerator_options(report_to: str, output: str) -> dict[str, Any]:
         os.environ.setdefault("WANDB_DIR", str(folder))
         if "WANDB_API_KEY" not in os.environ:
             os.environ.setdefault("WANDB_MODE", "offline")
-    if report_to == "mlflow":
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (folder / "mlruns").as_uri())
+    # MLflow: a local file store, which needs no database package (mlflow-skinny has none); recent MLflow refuses
+    # it unless allowed; a user's own MLFLOW_TRACKING_URI (a server, a database) wins
+    if report_to == "mlflow" and "MLFLOW_TRACKING_URI" not in os.environ:
+        os.environ["MLFLOW_TRACKING_URI"] = (folder / "mlruns").as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     folder.mkdir(parents=True, exist_ok=True)
     return {"log_with": report_to, "project_config": ProjectConfiguration(project_dir=str(folder),
                                                                           logging_dir=str(folder))}
@@ -89,7 +94,12 @@ class RunTracker:
         if not self.enabled:
             return
         metrics = {f"final/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
-        self.accelerator.log({**metrics, "matrix/macro_f1": matrix_markdown(result)}, step=self.offsets[-1])
+        # the matrix twice: as a Markdown table (TensorBoard's text tab) and cell by cell as numbers (what
+        # MLflow keeps: it drops text values)
+        rows = result.get("matrix_rows") or result["domains"]
+        cells = {f"matrix/after_{row}/{task}": value for row, values in zip(rows, result["matrix"]["macro_f1"])
+                 for task, value in zip(result["domains"], values) if value is not None}
+        self.accelerator.log({**metrics, **cells, "matrix/macro_f1": matrix_markdown(result)}, step=self.offsets[-1])
         self.accelerator.end_training()
 
 

@@ -129,7 +129,7 @@ class DapTrainer:
             bar.set_postfix(loss=f"{progress.losses[-1]:.3f}", tok_s=f"{tokens_per_second:.0f}",
                             refresh=False)  # redraw on tqdm's interval, not every step
             if self.on_step is not None:
-                terms = {f"loss/{name}": values[-1] for name, values in progress.terms.items() if values}
+                terms = {f"loss_{name}": values[-1] for name, values in progress.terms.items() if values}
                 self.on_step(stage_index, step + 1, {"loss": progress.losses[-1], "lr": scheduler.get_last_lr()[0],
                                                      "tokens_per_second": tokens_per_second, **terms})
             if checkpointing is not None and step + 1 < total_steps:

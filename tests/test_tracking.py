@@ -39,6 +39,7 @@ def test_tensorboard_logs_steps_stage_scores_and_the_final_matrix(tiny_suite, tm
     assert [e.value for e in events.Scalars("perplexity/dogs")] == pytest.approx(
         [row[1] for row in run["perplexity"]["stages"]], abs=1e-4)
     assert events.Scalars("final/final_macro_f1")[0].value == pytest.approx(run["metrics"]["final_macro_f1"])
+    assert events.Scalars("matrix/after_dogs/cats")[0].value == pytest.approx(run["matrix"]["macro_f1"][1][0])
     texts = [tag for tag in events.Tags()["tensors"] if tag.startswith("matrix/macro_f1")]
     assert texts, events.Tags()
     table = events.Tensors(texts[0])[0].tensor_proto.string_val[0].decode()
