@@ -126,9 +126,7 @@ def plan_data(request: RunRequest) -> RunPlan:
     plan = RunPlan(request, suite, list(domains), method_cls, method_cls.Settings(), suite.dap, suite.finetune,
                    resolve_data_dir(suite, request.data_dir, request.seeds[0] if request.seeds else 0),
                    request.model or suite.model)
-    if request.steps is not None:
-        plan.dap = override(plan.dap, "steps", str(request.steps), "dap")
-    finetune_keys_from_cli = apply_set_options(plan, request.sets)
+    finetune_keys_from_cli = apply_request_settings(plan)
     plan.data = LoadedData(plan)
     for task in plan.data.tasks + plan.data.probes:  # the command line beats a task's own settings in the suite
         task.finetune_overrides = {k: v for k, v in task.finetune_overrides.items() if k not in finetune_keys_from_cli}
@@ -149,6 +147,14 @@ def check_request(request: RunRequest) -> None:
     from cpt_bench.tracking import check_tracker
 
     check_tracker(request.report_to)
+
+
+def apply_request_settings(plan: RunPlan) -> set[str]:
+    """The request's `--steps` and `--set` values onto the suite's and the method's settings; returns the
+    fine-tuning keys set (see `apply_set_options`)."""
+    if plan.request.steps is not None:
+        plan.dap = override(plan.dap, "steps", str(plan.request.steps), "dap")
+    return apply_set_options(plan, plan.request.sets)
 
 
 def apply_set_options(plan: RunPlan, options: list[str]) -> set[str]:

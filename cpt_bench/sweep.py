@@ -133,9 +133,13 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(source, suite, runs, output, resources, report)
 
 
+def _mapping(value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise BadInput(f"{where}: expected a mapping, got {type(value).__name__}")
+
+
 def _known_keys(mapping: Any, known: set[str], where: str) -> None:
-    if not isinstance(mapping, dict):
-        raise BadInput(f"{where}: expected a mapping, got {type(mapping).__name__}")
+    _mapping(mapping, where)
     unknown = sorted(set(map(str, mapping)) - known)
     if unknown:
         raise BadInput(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -175,13 +179,13 @@ def _method_variants(entry: Any, path: Path | str) -> list[tuple[str, str, dict[
         raise BadInput(f"grid file {path}: methods entry {method!r}: give settings or variants, not both")
     if "variants" in entry:
         variants = entry["variants"]
-        _known_keys(variants, set(map(str, variants or {})), f"grid file {path}: {method} variants")
+        _mapping(variants, f"grid file {path}: {method} variants")
         if not variants:
             raise BadInput(f"grid file {path}: methods entry {method!r}: variants is empty")
         return [(method, str(label), {str(k): _set_value(v) for k, v in (values or {}).items()})
                 for label, values in variants.items()]
     settings = entry.get("settings") or {}
-    _known_keys(settings, set(map(str, settings)), f"grid file {path}: {method} settings")
+    _mapping(settings, f"grid file {path}: {method} settings")
     settings = {str(k): _set_value(v) for k, v in settings.items()}
     return [(method, ";".join(f"{k}={v}" for k, v in settings.items()), settings)]
 
@@ -244,9 +248,10 @@ class ResultPlanner:
 
     def __init__(self):
         self.data: dict[tuple, Any] = {}
+        self.suites: dict[str, Any] = {}
 
     def result_path(self, run: GridRun, spec: dict[str, Any], suite_name: str) -> Path:
-        from cpt_bench.plan import RunRequest, apply_set_options, plan_data, result_path
+        from cpt_bench.plan import RunRequest, apply_request_settings, plan_data, result_path
         from cpt_bench.plugin import method_class
         from cpt_bench.runner import run_configuration
         from cpt_bench.suite import load_suite
@@ -257,7 +262,9 @@ class ResultPlanner:
                              model=spec.get("model"), data_dir=spec.get("data_dir"), steps=spec.get("steps"),
                              output=str(Path(spec["output"]).resolve()), device=spec.get("device") or "auto",
                              eval=spec.get("eval") or "full", limit=spec.get("limit"), sets=sets)
-        suite = load_suite(suite_name)
+        if suite_name not in self.suites:
+            self.suites[suite_name] = load_suite(suite_name)
+        suite = self.suites[suite_name]
         language_seed = run.seed if suite.generator is not None and suite.generator.seed == "run" else None
         data_sets = tuple(sorted(s for s in sets if s.startswith(("finetune.", "data."))))
         key = (run.order, language_seed, data_sets)
@@ -268,11 +275,7 @@ class ResultPlanner:
         plan = dataclasses.replace(shared, request=request, method_cls=method_cls,
                                    method_settings=method_cls.Settings(), dap=shared.suite.dap,
                                    finetune=shared.suite.finetune)
-        if request.steps is not None:
-            from cpt_bench.settings import override
-
-            plan.dap = override(plan.dap, "steps", str(request.steps), "dap")
-        apply_set_options(plan, sets)
+        apply_request_settings(plan)
         return result_path(plan, run.seed, run_configuration(plan, run.seed))
 
 
