@@ -455,10 +455,11 @@ def pending_runs(grid: Grid) -> list[GridRun]:
 def run_local(grid: Grid, max_parallel: int, echo: Callable[[str], None]) -> list[GridRun]:
     """Run the pending runs in `max_parallel` worker processes at once; returns those that failed."""
     todo = pending_runs(grid)
-    threads = threads_per_worker(cpu_cores(), min(max_parallel, max(1, len(todo))),
-                                 grid.resources.processes_per_run)
+    # Fewer runs than workers: the idle workers' cores go to the runs there are.
+    at_once = min(max_parallel, max(1, len(todo)))
+    threads = threads_per_worker(cpu_cores(), at_once, grid.resources.processes_per_run)
     echo(f"{len(grid.runs) - len(todo)} of {len(grid.runs)} runs done or running elsewhere; {len(todo)} to run, "
-         f"{max_parallel} at once, {threads} thread(s) each")
+         f"{at_once} at once, {threads} thread(s) each")
     host = socket.gethostname()
 
     def work(run: GridRun) -> bool:
@@ -470,7 +471,7 @@ def run_local(grid: Grid, max_parallel: int, echo: Callable[[str], None]) -> lis
              f"({time.perf_counter() - started:.0f} s)")
         return ok
 
-    with ThreadPoolExecutor(max(1, max_parallel)) as pool:
+    with ThreadPoolExecutor(at_once) as pool:
         outcomes = list(pool.map(work, todo))
     return [run for run, ok in zip(todo, outcomes) if not ok]
 

@@ -74,6 +74,13 @@ def test_two_local_workers_on_two_cores_run_with_one_thread_each(tiny_suite, tmp
     assert "2 at once, 1 thread(s) each" in result.output
     for file in (tmp_path / "runs").glob("*.json"):  # what torch used in each worker, recorded by the run
         assert "1 threads" in json.loads(file.read_text())["provenance"]["device"]
+    # One run left for two workers: it gets both cores, and no idle worker is counted.
+    path = write_grid(tmp_path, tiny_suite, seeds=[0, 1, 2])
+    result = run_cli("sweep", str(path), "--max-parallel", "2")
+    assert result.exit_code == 0, result.output
+    assert "1 to run, 1 at once, 2 thread(s) each" in result.output
+    (last,) = (tmp_path / "runs").glob("*seed2*.json")
+    assert "2 threads" in json.loads(last.read_text())["provenance"]["device"]
 
 
 def test_status_reports_every_state(tiny_suite, tmp_path):
