@@ -453,7 +453,7 @@ def pending_runs(grid: Grid) -> list[GridRun]:
 
 
 def run_local(grid: Grid, max_parallel: int, echo: Callable[[str], None]) -> list[GridRun]:
-    """Run the pending runs in `max_parallel` worker processes at once; returns those that failed."""
+    """Run the pending runs in at most `max_parallel` worker processes at once; returns those that failed."""
     todo = pending_runs(grid)
     # Fewer runs than workers: the idle workers' cores go to the runs there are.
     at_once = min(max_parallel, max(1, len(todo)))
