@@ -4,18 +4,25 @@ A run writes `<output>/.work/<result stem>/`:
 
 - `progress.json`: everything already measured (matrix rows, probe and perplexity rows, stage records, the
   end-task scores of a row being evaluated, each with the RNG state after it);
-- `ckpt-<stage>-<step>/`: the newest checkpoint, with `state.safetensors` (every tensor: model, optimizer,
-  method state, RNG states) and `state.json` (everything else, with references into the tensor file).
-  `step` = the stage's step count, so `ckpt-2-150` of a 150-step stage is "stage 2 trained, not evaluated".
+- `ckpt-<stage>-<step>/`: the two newest checkpoints, each with `state.safetensors` (every tensor: model,
+  optimizer, method state, RNG states), `state.json` (everything else, with references into the tensor file)
+  and `manifest.json` (the size and SHA-256 of both). `step` = the stage's step count, so `ckpt-2-150` of a
+  150-step stage is "stage 2 trained, not evaluated";
+- `../<result stem>.lock`: held (flock) by the process that runs the run, so a second identical run is refused.
 
-Checkpoints load with safetensors and JSON only (never pickle). Each is written under a temporary name and
-renamed when complete, and the older ones are removed after it, so a crash at any moment leaves a usable one.
-The work directory is removed once the result file is written.
+Checkpoints load with safetensors and JSON only (never pickle), and only after their files match the manifest:
+a damaged checkpoint (truncated, or overwritten in place at the same size) is never resumed from; the one
+before it is, and with none left the run stops with one line. Each is written under a temporary name and
+renamed when complete, and older ones are removed after it, so a crash at any moment leaves a usable one.
+progress.json carries the SHA-256 of its content too: a damaged one is set aside (its measurements are made
+again, from the checkpoint's random state, to the same values). The work directory is removed once the result
+file is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -30,6 +37,12 @@ import torch
 from cpt_bench.atomic import write_json_atomic
 
 TENSOR = "__tensor__"
+MANIFEST = "manifest.json"
+KEPT_CHECKPOINTS = 2  # the newest, and the one to fall back to if the newest turns out damaged
+
+
+class DamagedState(ValueError):
+    """A checkpoint or progress file whose content does not match its recorded checksum (or does not parse)."""
 
 
 # ---------------------------------------------------------------- nested state <-> safetensors + JSON
@@ -87,13 +100,40 @@ def save_state(state: dict[str, Any], directory: Path) -> None:
         seen.add(tensors[key].untyped_storage().data_ptr())
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(skeleton))
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+             for name in ("state.safetensors", "state.json")}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}))  # last: a folder with a manifest is complete
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_state(directory: Path) -> None:
+    """DamagedState unless every file of the checkpoint has the size and SHA-256 its manifest records."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DamagedState(f"{directory / MANIFEST}: missing or unreadable") from None
+    for name, recorded in files.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != recorded["bytes"]:
+            raise DamagedState(f"{path}: missing or not {recorded['bytes']} bytes")
+        if file_sha256(path) != recorded["sha256"]:
+            raise DamagedState(f"{path}: content does not match its SHA-256 in {MANIFEST}")
+
+
 def load_state(directory: Path) -> dict[str, Any]:
+    """A checkpoint's state, after its files are checked against the manifest (DamagedState if not)."""
     from safetensors.torch import load_file
 
+    verify_state(directory)
     tensors = load_file(str(directory / "state.safetensors"))
     return unflatten(json.loads((directory / "state.json").read_text()), tensors)
 
@@ -157,13 +197,51 @@ class WorkDir:
         self.path = path
         self.enabled = enabled
         self.writer = writer  # False: a process of a multi-process run other than the main one reads, never writes
+        self.damaged: list[str] = []  # what loading found damaged and passed over (said on stderr)
+        self._lock = None
 
     @property
     def progress_file(self) -> Path:
         return self.path / "progress.json"
 
-    def clear(self) -> None:
+    def clear(self, release_lock: bool = True) -> None:
+        """Remove the work folder (and, unless told not to, the run's lock: the run is over)."""
         shutil.rmtree(self.path, ignore_errors=True)
+        if release_lock and self._lock is not None:  # removed while held, so no other process can hold this file
+            self.lock_file.unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")  # beside the folder, which `clear` removes
+
+    def lock(self) -> str | None:
+        """Take the run's lock for as long as this process lives (or until `clear`); None, or who holds it (an
+        identical run started into the same output folder and still running)."""
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = self.lock_file.open("a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                return holder
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.lock_file).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            handle.close()  # the holder finished and removed this file between our open and our lock: again
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        self._lock = handle  # the kernel releases it when the process ends, SIGKILL included
+        return None
 
     def claim(self) -> None:
         """Say which process runs this run (owner.json: host and pid), so that `cpt-bench sweep status` sees a
@@ -175,10 +253,20 @@ class WorkDir:
             write_json_atomic(self.path / "owner.json", {"host": socket.gethostname(), "pid": os.getpid()})
 
     def load_progress(self) -> dict[str, Any] | None:
+        """The measurements of the row being evaluated; None when there are none, or when the file is damaged
+        (then they are made again: each starts from the random state the checkpoint or the previous one left)."""
         if not self.enabled or not self.progress_file.is_file():
             return None
-        skeleton = json.loads(self.progress_file.read_text())
-        return unflatten(skeleton, {})
+        try:
+            saved = json.loads(self.progress_file.read_text(encoding="utf-8"))
+            content = saved["progress"]
+            if saved["sha256"] != _json_sha256(content):
+                raise DamagedState("content does not match its SHA-256")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            self._pass_over(f"{self.progress_file} ({str(error).splitlines()[0][:80]}): its measurements are "
+                            "made again")
+            return None
+        return unflatten(content, {})
 
     def save_progress(self, progress: dict[str, Any]) -> None:
         if not self.enabled or not self.writer:
@@ -188,7 +276,14 @@ class WorkDir:
         skeleton = flatten(progress, tensors)
         if tensors:
             raise TypeError("progress.json holds no tensors (put them in a checkpoint)")
-        write_json_atomic(self.progress_file, skeleton)
+        write_json_atomic(self.progress_file, {"sha256": _json_sha256(skeleton), "progress": skeleton})
+
+    def _pass_over(self, what: str) -> None:
+        if what not in self.damaged:
+            self.damaged.append(what)
+            import sys
+
+            print(f"warning: damaged, not used: {what}", file=sys.stderr, flush=True)
 
     def checkpoints(self) -> list[tuple[int, int, Path]]:
         """Complete checkpoints, oldest first, as (stage, step, folder)."""
@@ -201,17 +296,32 @@ class WorkDir:
         return sorted(found)
 
     def latest(self) -> tuple[int, int, dict[str, Any]] | None:
+        """The newest checkpoint whose files match their manifest, as (stage, step, state); a damaged one is
+        passed over (and said). DamagedState when every checkpoint there is damaged."""
         found = self.checkpoints()
         if not self.enabled or not found:
             return None
-        stage, step, folder = found[-1]
-        return stage, step, load_state(folder)
+        passed_over = []
+        for stage, step, folder in reversed(found):
+            try:
+                state = load_state(folder)
+            except DamagedState as error:
+                passed_over.append(str(error))
+                continue
+            for damage in passed_over:
+                self._pass_over(f"{damage}; resuming from the checkpoint before it, {folder.name}")
+            return stage, step, state
+        raise DamagedState(f"every checkpoint in {self.path} is damaged (the newest: {passed_over[0]})")
 
     def save_checkpoint(self, stage: int, step: int, state: dict[str, Any]) -> None:
         if not self.enabled or not self.writer:
             return
         folder = self.path / f"ckpt-{stage}-{step}"
         save_state(state, folder)
-        for _, _, older in self.checkpoints():  # keep only the newest
-            if older != folder:
-                shutil.rmtree(older, ignore_errors=True)
+        others = [entry for _, _, entry in self.checkpoints() if entry != folder]
+        for older in others[: max(0, len(others) - (KEPT_CHECKPOINTS - 1))]:  # keep the newest ones
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def _json_sha256(content: Any) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

@@ -30,6 +30,10 @@ def exits_2_on_bad_input(fn):
         except TrainingFailed as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
+        except OSError as error:  # a disk that filled up or went read-only mid-run: one line, no half-written file
+            where = f"{error.filename}: " if error.filename else ""
+            typer.echo(f"error: {where}{error.strerror or error}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -85,7 +89,7 @@ def run(
 
     An interrupted run (crash, SIGKILL, SIGINT/SIGTERM) continues from its last checkpoint when the same
     command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
-    from cpt_bench.atomic import write_json_atomic
+    from cpt_bench.atomic import check_writable_folder, write_json_atomic
     from cpt_bench.checkpoint import StopRequested, StopSignal
     from cpt_bench.plan import RunRequest, check_distributed, make_accelerator, plans_by_seed
     from cpt_bench.results import write_artifacts
@@ -102,6 +106,7 @@ def run(
     )
     if checkpoint_every < 0:
         raise BadInput(f"--checkpoint-every must be 0 or positive, got {checkpoint_every}")
+    check_writable_folder(Path(output), "--output")
     plans = plans_by_seed(request)
     first = next(plans)  # every option checked before any work
     accelerator = make_accelerator(first[1])
@@ -148,9 +153,13 @@ def report(
     plots: Annotated[str | None, typer.Option(help="also write PNG plots into this folder")] = None,
 ) -> None:
     """Aggregate result files: one row per method and configuration, mean ± std over seeds and orders."""
-    from cpt_bench.atomic import write_text_atomic
+    from cpt_bench.atomic import check_writable_file, check_writable_folder, write_text_atomic
     from cpt_bench.report.formats import report as make_report
 
+    if output:
+        check_writable_file(Path(output), "--output")
+    if plots:
+        check_writable_folder(Path(plots), "--plots")
     text = make_report(paths or ["results/runs"], format, by_order=by_order, plots_dir=plots)
     if output:
         write_text_atomic(Path(output), text + "\n")
@@ -219,6 +228,10 @@ def bench(
                            order=[d.strip() for d in order.split(",")] if order is not None else None,
                            seq_len=seq_len, steps=steps, repeats=repeats, device=device, sets=list(set_ or []),
                            variants=list(variant or []))
+    if json_file:
+        from cpt_bench.atomic import check_writable_file
+
+        check_writable_file(Path(json_file), "--json")
     for kind in request.kinds:  # bad input (suite, model, sizes, settings) fails here, in one line, before any process
         plan_for(request, kind)
     if profile:
@@ -242,12 +255,14 @@ def audit(
 ) -> None:
     """Contamination audit: for every (DAP corpus, end-task split) pair, the texts that share a 13-gram with the
     corpus and the exact duplicates."""
-    from cpt_bench.atomic import write_text_atomic
+    from cpt_bench.atomic import check_writable_file, write_text_atomic
     from cpt_bench.audit import table, warnings
     from cpt_bench.plan import RunRequest, plan_data
     from cpt_bench.suite import DEFAULT_SUITE
 
     _quiet_libraries()
+    if output:
+        check_writable_file(Path(output), "--output")
     request = RunRequest(method="naive", suite=suite or DEFAULT_SUITE, data_dir=data_dir, limit=limit,
                          order=[d.strip() for d in order.split(",")] if order is not None else None)
     rows = plan_data(request).data.audit
@@ -267,11 +282,13 @@ def importance(
     output: Annotated[str | None, typer.Option(help="PNG path (default: <result stem>.importance.png)")] = None,
 ) -> None:
     """Per-layer summary of a soft-masking run's unit importances, and a heatmap PNG."""
+    from cpt_bench.atomic import check_writable_file
     from cpt_bench.importance import default_png_path, load_importances, summary_text, write_png
 
+    png = Path(output) if output else default_png_path(Path(result))
+    check_writable_file(png, "--output")
     run_importances = load_importances(Path(result))
     typer.echo(summary_text(run_importances))
-    png = Path(output) if output else default_png_path(Path(result))
     write_png(run_importances, png)
     typer.echo(f"\nheatmap PNG: {png}")
 
@@ -307,6 +324,10 @@ def sweep(
     if max_parallel < 1:
         raise BadInput(f"--max-parallel must be at least 1, got {max_parallel}")
     grid = sweeps.load_grid(grid_file)  # every run checked before anything starts
+    if not dry_run:
+        from cpt_bench.atomic import check_writable_folder
+
+        check_writable_folder(grid.output, f"{grid_file}: output")
     if executor == "slurm":
         from cpt_bench import sweep_slurm
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import platform
 import subprocess
@@ -139,17 +140,12 @@ def is_result(data: Any) -> bool:
 
 
 def checked_result(data: Any) -> dict[str, Any]:
-    """`data` if it is a result file with the keys a report needs; ValueError naming the problem otherwise."""
+    """`data` if it is a result file that follows the JSON Schema (so every value a report reads has its type);
+    ValueError naming the first problem otherwise (the report's loader turns it into one line)."""
     if not is_result(data):
         raise ValueError(f"not a {SCHEMA} result file")
-    for key, kind in REQUIRED_KEYS.items():
-        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
-            # a malformed file, as above: the report's loader turns ValueError into a one-line error
-            raise ValueError(f"key {key!r} is missing or not a {kind.__name__}")  # noqa: TRY004
+    validate_result(data, "it")
     return data
-
-
-REQUIRED_KEYS = {"method": str, "suite": str, "domains": list, "seed": int, "model": str, "metrics": dict}
 
 
 def write_artifacts(result_path: Path, artifacts: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -249,12 +245,18 @@ def load_schema() -> dict[str, Any]:
     return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
 
 
-def validate_result(result: dict[str, Any], where: str) -> None:
-    """ValueError naming `where` and the first place where `result` does not follow the JSON Schema (needs the
-    `jsonschema` package, a test dependency)."""
+@functools.cache
+def schema_validator():
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(load_schema()).iter_errors(result))
+    return jsonschema.Draft202012Validator(load_schema())
+
+
+def validate_result(result: dict[str, Any], where: str) -> None:
+    """ValueError naming `where` and the first place where `result` does not follow the JSON Schema."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(schema_validator().iter_errors(result))
     if error is not None:
         path = "/".join(str(part) for part in error.absolute_path) or "(top level)"
         raise ValueError(f"{where} does not follow {SCHEMA_FILE.name} at {path}: {error.message}")

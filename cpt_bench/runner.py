@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 
 from cpt_bench.atomic import write_json_atomic
 from cpt_bench.cache import cache_dir
-from cpt_bench.checkpoint import StopRequested, StopSignal, WorkDir
+from cpt_bench.checkpoint import DamagedState, StopRequested, StopSignal, WorkDir
 from cpt_bench.compute import ComputeCounter
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import EndTaskEvaluator
@@ -101,19 +101,34 @@ class SeedRun:
         self.evaluator = EndTaskEvaluator(self.accelerator, plan.tokenizer, plan.finetune, plan.request.show_progress,
                                           causal=plan.data.causal)
         self.evaluator.stop = self.stop
+        self.take_lock()  # first: --fresh must not delete what a running identical run is writing
         if plan.request.fresh:
             if self.work.writer:
-                self.work.clear()
+                self.work.clear(release_lock=False)
             self.accelerator.wait_for_everyone()  # no process reads what the main process is deleting
         self.work.claim()
         try:
-            checkpoint = self.work.latest()  # (stage, step, state) of the newest checkpoint, or None
+            checkpoint = self.work.latest()  # (stage, step, state) of the newest sound checkpoint, or None
+        except DamagedState as error:
+            raise BadInput(f"{error}; run with --fresh to start over") from None
         except Exception as error:  # noqa: BLE001 - any damage or format change of the saved files
             raise BadInput(f"cannot read the checkpoint in {self.work.path} ({type(error).__name__}: {error}); "
                            f"run with --fresh to start over") from None
         self.base_scores = cached_base_scores(plan, self.model, self.evaluator, self.seed)
         set_seed(self.seed)
         return checkpoint and {"stage": checkpoint[0], "step": checkpoint[1], **checkpoint[2]}
+
+    def take_lock(self) -> None:
+        """Refuse to run what an identical run, started into the same output folder, is running now (both would
+        compute the whole run, and one could resume from the other's live checkpoint)."""
+        holder = self.work.lock() if self.work.enabled and self.work.writer else None
+        if self.accelerator.num_processes > 1:  # every process refuses together
+            held = torch.tensor([1.0 if holder else 0.0], device=self.accelerator.device)
+            if self.accelerator.reduce(held, reduction="sum").item() > 0:
+                holder = holder or "the main process's lock"
+        if holder:
+            raise BadInput(f"the same run is already running into {self.plan.request.output} ({holder}; lock "
+                           f"{self.work.lock_file}): wait for it to finish, or give another --output")
 
     def start_or_resume(self, checkpoint: dict[str, Any] | None) -> None:
         """A fresh progress (and the original model's perplexities), or the checkpoint's; then the method's

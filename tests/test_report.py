@@ -32,6 +32,13 @@ def result(method="naive", suite="tiny", domains=("cats", "dogs"), seed=0, final
             "transfer_macro_f1": transfer, "transfer_accuracy": transfer,
         },
         "probes": {"general": {"base": probe_base, "stages": list(probe_stages)}},
+        # the rest of what the JSON Schema requires, measuring nothing a test here reads
+        "method_config": {},
+        "matrix": {"macro_f1": [[None] * len(domains)], "accuracy": [[None] * len(domains)]},
+        "base": {"macro_f1": [], "accuracy": []},
+        "stages": [],
+        "provenance": {"git_commit": "0" * 40, "versions": {}, "started": "2026-01-01T00:00:00+00:00",
+                       "finished": "2026-01-01T00:01:00+00:00", "device": "cpu", "command": "cpt-bench run"},
     }
 
 
@@ -271,11 +278,16 @@ def test_a_report_written_into_the_runs_folder_does_not_break_the_next_report(ru
     assert out.exit_code == 0 and "report.json" in out.stderr, out.output
 
 
-def test_a_folder_with_a_broken_result_file_is_bad_input(runs):
+def test_a_broken_result_file_is_skipped_in_one_line_in_a_folder_and_bad_input_when_named(runs):
     broken = result()
     del broken["method"]  # says it is a result file, but is not a sound one
     write(runs, "zz_broken.json", json.dumps(broken))
-    _bad(str(runs), fragment="zz_broken.json")
+    out = run_cli("report", str(runs))
+    assert out.exit_code == 0, out.output
+    (line,) = [line for line in out.stderr.splitlines() if "zz_broken.json" in line]
+    assert line.startswith("skipped") and "'method' is a required property" in line
+    assert "naive" in out.stdout  # the sound files are still reported
+    _bad(str(runs / "zz_broken.json"), fragment="zz_broken.json")
 
 
 def test_missing_path(tmp_path):

@@ -47,9 +47,10 @@ def candidate_files(paths: list[str]) -> list[tuple[Path, bool]]:
 
 
 def load_results(paths: list[str]) -> list[dict[str, Any]]:
-    """The result files among `paths`, each read once. A file found in a folder that is not a result file (a
-    report written into it, say) is skipped and named on stderr; a broken result file is an error."""
-    results, skipped = [], []
+    """The result files among `paths`, each read once and checked against the JSON Schema, each run counted
+    once. A file found in a folder that is not a sound result file (a report written into it, a damaged or
+    hand-edited result) is skipped and named on stderr, one line each; a named one that is not is an error."""
+    results, files, skipped = [], [], []
     for file, named in candidate_files(paths):
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
@@ -63,14 +64,47 @@ def load_results(paths: list[str]) -> list[dict[str, Any]]:
             continue
         try:
             results.append(checked_result(data))
+            files.append(file)
         except ValueError as error:
-            raise BadInput(f"{file}: not a readable result file ({str(error).splitlines()[0][:120]})") from None
+            why = f"{file}: not a sound result file ({str(error).splitlines()[0][:160]})"
+            if named:
+                raise BadInput(why) from None
+            print(f"skipped {why}", file=sys.stderr)
     if skipped:
         print(f"skipped {len(skipped)} file(s) that are not {SCHEMA} result files: "
               f"{', '.join(str(p) for p in skipped)}", file=sys.stderr)
+    results = without_duplicate_runs(results, files)
     if not results:
         raise BadInput(f"no result files found in {', '.join(paths)}")
     return results
+
+
+MEASURED = ("matrix", "base", "metrics", "probes", "perplexity", "stages")  # what a copy may have changed
+
+
+def run_identity(result: dict[str, Any]) -> str:
+    """What makes two result files the same run: suite, model, method, every setting, order and seed. Two
+    files of one identity are one run counted twice (a copy), never two runs: they would halve every interval."""
+    return json.dumps([result["suite"], result["model"], result["method"], _flat_config(result),
+                       list(result["domains"]), result["seed"]], sort_keys=True)
+
+
+def without_duplicate_runs(results: list[dict[str, Any]], files: list[Path]) -> list[dict[str, Any]]:
+    """The results with each run identity once (the first file, in path order); each duplicate said on stderr,
+    with whether its measurements differ from the kept file's."""
+    kept: dict[str, tuple[dict[str, Any], Path]] = {}
+    for result, file in zip(results, files):
+        identity = run_identity(result)
+        if identity not in kept:
+            kept[identity] = (result, file)
+            continue
+        first, first_file = kept[identity]
+        differing = [key for key in MEASURED if first.get(key) != result.get(key)]
+        how = f"its {', '.join(differing)} differ" if differing else "the same measurements"
+        print(f"duplicate run: {file} is the same run as {first_file} ({result['method']}, "
+              f"{','.join(map(str, result['domains']))}, seed {result['seed']}, same settings; {how}): "
+              f"counted once, from {first_file.name}", file=sys.stderr)
+    return [result for result, _ in kept.values()]
 
 
 # ---------------------------------------------------------------- per-run values
