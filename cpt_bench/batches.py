@@ -71,6 +71,8 @@ def _cached_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str, ki
     import datasets
     from datasets.table import InMemoryTable
 
+    if not texts:  # e.g. a corpus whose every text is also one of its held-out texts
+        raise BadInput(f"corpus {corpus_id} has no text left to make blocks of")
     content = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
     key = f"{content}-{tokenizer_fingerprint(tokenizer)}-{seq_len}" + ("" if kind == "mlm" else f"-{kind}")
     path = cache_dir() / "blocks" / key

@@ -124,6 +124,7 @@ class EndTaskData:
     template: str | None = None
     verbalizer: dict[str, list[str]] | None = None
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # examples used per split (after sampling)
+    dev_split: str = ""  # where the dev split came from, in words (for the result file)
 
 
 def read_end_task_split(source: Source, task: EndTask, data_dir: Path | None, limit: int | None,
@@ -209,14 +210,9 @@ def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | 
     train = read_end_task_split(task.train, task, data_dir, limit, f"{name} train")
     test = read_end_task_split(task.test, task, data_dir, limit, f"{name} test")
     dev = read_end_task_split(dev_source, task, data_dir, limit, f"{name} dev") if dev_source else None
+    dev_split = f"file {dev.source}" if dev is not None else "none"
     if dev is None and task.dev_from_train:  # ... the suite carves a dev split out of train
-        if task.dev_from_train >= len(train.labels):
-            raise BadInput(f"end task {name}: dev_from_train={task.dev_from_train} leaves no training example "
-                           f"({len(train.labels)} in {train.source})")
-        dev_rows = stratified_sample(train.labels, task.dev_from_train, task.sample_seed)
-        taken = set(dev_rows)
-        dev = dataclasses.replace(split_rows(train, dev_rows), source=f"{train.source} ({len(dev_rows)} held out)")
-        train = split_rows(train, [i for i in range(len(train.labels)) if i not in taken])
+        dev, train, dev_split = dev_from_train(train, task)
     splits = {"train": train, "dev": dev, "test": test}
     for which, size in task.subsample.items():
         if splits[which] is not None:  # a split smaller than its size is used whole (its size is recorded)
@@ -233,7 +229,26 @@ def read_end_task(name: str, task: EndTask, data_dir: Path | None, limit: int | 
         template=prompt.template if prompt else None,
         verbalizer=read_verbalizer(task, data_dir, name) if prompt else None,
         sizes={which: len(split.labels) for which, split in splits.items() if split is not None},
+        dev_split=dev_split,
     )
+
+
+def dev_from_train(train: EndTaskSplit, task: EndTask) -> tuple[EndTaskSplit | None, EndTaskSplit, str]:
+    """(dev, train, how) for a task without a dev split: a stratified sample of at most `dev_from_train` and at
+    most `dev_from_train_fraction` of train, drawn from the classes with two or more examples (a class seen once
+    keeps its example for training); no dev split when train is too small to give one."""
+    wanted = min(task.dev_from_train, int(task.dev_from_train_fraction * len(train.labels)))
+    counts = {label: train.labels.count(label) for label in set(train.labels)}
+    eligible = [i for i, label in enumerate(train.labels) if counts[label] >= 2]
+    rule = f"at most {task.dev_from_train} and {task.dev_from_train_fraction:g} of train"
+    if wanted < 1 or not eligible:
+        return None, train, f"none: {len(train.labels)} train examples are too few to hold out one ({rule})"
+    sample = stratified_sample([train.labels[i] for i in eligible], wanted, task.sample_seed)
+    dev_rows = [eligible[i] for i in sample]
+    taken = set(dev_rows)
+    dev = dataclasses.replace(split_rows(train, dev_rows), source=f"{train.source} ({len(dev_rows)} held out)")
+    kept = split_rows(train, [i for i in range(len(train.labels)) if i not in taken])
+    return dev, kept, f"{len(dev_rows)} of {len(train.labels)} train examples ({rule})"
 
 
 def prompt_prefix(template: str) -> str:

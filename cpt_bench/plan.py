@@ -95,13 +95,39 @@ def plan_run(request: RunRequest) -> RunPlan:
         plan.model_fingerprint = model_fingerprint(plan.original_model)
     if plan.method_cls.needs_unit_map:
         UnitMap(plan.original_model)  # a family without one is refused here, before any training
+    check_lengths(plan)
     for task in plan.data.tasks + plan.data.probes:
         check_end_task(plan.tokenizer, plan.finetune, task, plan.original_model)
-    for corpus in plan.data.heldout:  # tokenised now: a held-out text too short for one block fails early
-        plan.data.heldout_blocks(corpus, plan.dap.seq_len, plan.suite.perplexity.blocks)
+    for corpus in list(plan.data.heldout):  # tokenised now: a held-out file too short for one block fails early
+        try:
+            plan.data.heldout_blocks(corpus, plan.dap.seq_len, plan.suite.perplexity.blocks)
+        except BadInput:
+            if corpus not in plan.data.uncut:
+                raise
+            # a slice cut from a small corpus: better trained on than refused
+            plan.data.put_back(corpus, f"the held-out slice is shorter than one block of {plan.dap.seq_len} tokens")
     for line in warnings(plan.data.audit):
         print(line, file=sys.stderr, flush=True)
     return plan
+
+
+def check_lengths(plan: RunPlan) -> None:
+    """dap.seq_len and every fine-tuning max_length within the model's positions: past them a model indexes out
+    of its position table mid-run (or, for a short corpus, fails for a misleading reason)."""
+    config = plan.original_model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not positions:
+        return
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= 2  # position ids start after the padding index
+    lengths = {"dap.seq_len": plan.dap.seq_len, "finetune.max_length": plan.finetune.max_length}
+    for task in plan.data.tasks + plan.data.probes:
+        if "max_length" in task.finetune_overrides:
+            lengths[f"end task {task.name}'s finetune.max_length"] = task.finetune_overrides["max_length"]
+    for name, length in lengths.items():
+        if length > positions:
+            raise BadInput(f"{name}={length} is longer than model {plan.model_name!r} can read ({positions} "
+                           f"positions)")
 
 
 def plans_by_seed(request: RunRequest) -> Iterator[tuple[int, RunPlan]]:
@@ -144,6 +170,9 @@ def check_request(request: RunRequest) -> None:
         raise BadInput(f"--limit must be positive, got {request.limit}")
     if not request.seeds:
         raise BadInput("no --seed given")
+    for seed in request.seeds:
+        if not 0 <= seed < 2 ** 32:  # what numpy's and torch's generators take
+            raise BadInput(f"--seed {seed}: must be in 0..{2 ** 32 - 1}")
     from cpt_bench.tracking import check_tracker
 
     check_tracker(request.report_to)
@@ -205,11 +234,14 @@ class LoadedData:
         self.corpora: dict[str, Any] = {}
         self.tasks = []
         self.heldout: dict[str, tuple[list[str], str]] = {}  # corpus name -> held-out texts for perplexity
+        self.heldout_notes: dict[str, str] = {}  # corpus name -> what was held out, in words (the result says it)
+        self.uncut: dict[str, list[str]] = {}  # corpus name -> its texts before a held-out slice was cut off
         for name in plan.domains:
             domain = suite.domain(name)
             texts, where = read_corpus(domain.corpus, domain.corpus_field, plan.data_dir, limit)
             if domain.heldout is not None:
                 self.heldout[name] = read_corpus(domain.heldout, domain.corpus_field, plan.data_dir, limit)
+                self.heldout_notes[name] = f"file {self.heldout[name][1]}"
             else:
                 texts = self.hold_out(name, texts, where, suite.perplexity)
             self.corpora[name] = (texts, where)
@@ -220,6 +252,7 @@ class LoadedData:
         if suite.perplexity.blocks:
             for name, source in suite.heldout_corpora.items():
                 self.heldout[name] = read_corpus(source, "text", plan.data_dir, limit)
+                self.heldout_notes[name] = f"file {self.heldout[name][1]}"
         self.audit = cached_audit({name: texts for name, (texts, _) in self.corpora.items()},
                                   self.end_task_splits())
         self.decontaminated: dict[str, int] = {}  # corpus -> texts dropped (data.decontaminate)
@@ -237,17 +270,38 @@ class LoadedData:
     def hold_out(self, name: str, texts: list[str], where: str, settings) -> list[str]:
         """Cut a corpus's last texts off as its held-out text (and, before them, its dev slice) for the perplexity
         matrix; returns what DAP trains on: the rest, less any text that is also a held-out or dev text (a
-        duplicate line would otherwise be trained on and scored)."""
+        duplicate line would otherwise be trained on and scored). A corpus of fewer than 4 × (held-out + dev)
+        texts gives at most a quarter of itself, in the same proportions; what was cut is said in the result."""
         cut, dev = (settings.heldout_texts, settings.dev_texts) if settings.blocks else (0, 0)
-        if not cut or len(texts) < 4 * (cut + dev):
+        if not cut:
             return texts
+        if len(texts) < 4 * (cut + dev):  # a small corpus: scaled down, never skipped without a word
+            cut, dev = len(texts) * cut // (4 * (cut + dev)), len(texts) * dev // (4 * (cut + dev))
+            if not cut or (settings.score == "dev" and not dev):
+                self.heldout_notes[name] = f"none: {len(texts)} texts are too few to hold any out"
+                return texts
         heldout, dev_slice = texts[len(texts) - cut:], texts[len(texts) - cut - dev: len(texts) - cut]
         if settings.score == "dev" and dev_slice:
             self.heldout[name] = (dev_slice, f"{where} (dev slice: {dev} texts before the last {cut})")
+            self.heldout_notes[name] = f"dev slice: {dev} of {len(texts)} texts, before the last {cut}"
         else:
             self.heldout[name] = (heldout, f"{where} (last {cut} texts)")
+            self.heldout_notes[name] = f"last {cut} of {len(texts)} texts" + (f" (and {dev} before them as the "
+                                                                             "dev slice)" if dev else "")
+        self.uncut[name] = texts
         scored = set(heldout) | set(dev_slice)
-        return [text for text in texts[: len(texts) - cut - dev] if text not in scored]
+        trained = [text for text in texts[: len(texts) - cut - dev] if text not in scored]
+        if not trained:
+            raise BadInput(f"corpus {where}: every text before its held-out slice is also a held-out text (the "
+                           f"corpus repeats {len(scored)} distinct texts); nothing would be trained on")
+        return trained
+
+    def put_back(self, name: str, why: str) -> None:
+        """Train on the whole corpus after all, with no held-out text: its slice was too short to score."""
+        _, where = self.corpora[name]
+        self.corpora[name] = (self.uncut.pop(name), where)
+        del self.heldout[name]
+        self.heldout_notes[name] = f"none: {why}"
 
     def end_task_splits(self) -> dict[tuple[str, str], list[str]]:
         """Every split's texts of the end tasks and probes, by (task, split)."""

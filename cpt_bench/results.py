@@ -91,6 +91,7 @@ def configuration_settings(result: dict[str, Any]) -> dict[str, Any]:
         if isinstance(task, dict):
             task.pop("truncated_examples", None)
             task.pop("examples", None)  # split sizes: what the data gave, recorded beside the settings
+            task.pop("dev_split", None)  # likewise: where the dev split came from
     for block, cls in (("dap", DapSettings), ("finetune", FinetuneSettings)):
         if isinstance(settings.get(block), dict):
             settings[block] = _with_absent_settings(cls, settings[block])

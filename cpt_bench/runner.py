@@ -141,6 +141,8 @@ class SeedRun:
                 matrices={"macro_f1": [], "accuracy": []},
                 probes={p.name: {"base": self.base_scores[p.name]["macro_f1"], "stages": []} for p in data.probes},
                 perplexity={"corpora": corpora, "blocks": plan.suite.perplexity.blocks,
+                            "heldout": {name: data.heldout_notes.get(name, "file") for name in corpora}
+                            | {name: note for name, note in data.heldout_notes.items() if name not in corpora},
                             "objective": "causal" if data.causal else "masked",
                             "base": [ppl for ppl, _ in base], "stages": [],
                             "bits_per_byte": {"base": [bpb for _, bpb in base], "stages": []}},
@@ -270,7 +272,8 @@ class SeedRun:
             "settings": {"dap": as_dict(plan.dap), "finetune": as_dict(plan.finetune),
                          "data": as_dict(plan.data_settings), "eval": plan.request.eval, "limit": plan.request.limit,
                          "end_tasks": {t.name: {"evaluator": EVALUATOR_NAMES[t.evaluator],
-                                                "finetune_overrides": t.finetune_overrides, "examples": t.sizes}
+                                                "finetune_overrides": t.finetune_overrides, "examples": t.sizes,
+                                                "dev_split": t.dev_split}
                                        for t in plan.data.tasks + plan.data.probes}},
         }
         if plan.head_warmup is not None:

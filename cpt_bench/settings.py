@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -63,6 +64,7 @@ class DapSettings(Validated):
         if self.vocab_pad_multiple < 0:
             raise BadInput(f"{where}.vocab_pad_multiple: must be 0 (automatic) or positive, "
                            f"got {self.vocab_pad_multiple}")
+        non_negative(where, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
 
 
 # DAP settings added after result files were first named: left out of a run's and a suite's hash while at their
@@ -92,6 +94,7 @@ class FinetuneSettings(Validated):
     def check(self, where: str) -> None:
         positive(where, epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length)
         fraction(where, warmup=self.warmup)
+        non_negative(where, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
         if self.lr <= 0:
             raise BadInput(f"{where}.lr: must be positive, got {self.lr}")
 
@@ -119,6 +122,12 @@ def positive(where: str, **values: int) -> None:
     for name, value in values.items():
         if value <= 0:
             raise BadInput(f"{where}.{name}: must be positive, got {value}")
+
+
+def non_negative(where: str, **values: float) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise BadInput(f"{where}.{name}: must be 0 or positive (0: off), got {value}")
 
 
 def fraction(where: str, **values: float) -> None:
@@ -175,6 +184,8 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # no setting means anything at inf or nan; they surface mid-run
+                raise BadInput(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         if isinstance(value, str) and FLOAT_LITERAL.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string; users write it that way

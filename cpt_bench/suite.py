@@ -60,7 +60,11 @@ class EndTask(Validated):
     # at most this many examples per split ({train: N, dev: N, test: N}), drawn stratified by label with
     # `sample_seed`; a split smaller than its size is used whole. The sizes used go into the result file.
     subsample: dict[str, int] = dataclasses.field(default_factory=dict)
-    dev_from_train: int = 0  # a task without a dev split gets one of this many train examples (stratified)
+    # a task without a dev split gets one cut from train (stratified): at most `dev_from_train` examples and at
+    # most `dev_from_train_fraction` of train, so a small train split keeps most of its examples (das6's camera
+    # has 286); a class with one train example keeps it. The split used is in the result file.
+    dev_from_train: int = 0
+    dev_from_train_fraction: float = 0.2
     sample_seed: int = 0
 
     def check(self, where: str) -> None:
@@ -72,6 +76,9 @@ class EndTask(Validated):
                 raise BadInput(f"{where}.subsample.{split}: expected a positive integer, got {size!r}")
         if self.dev_from_train < 0:
             raise BadInput(f"{where}.dev_from_train: must be non-negative, got {self.dev_from_train}")
+        if not 0 < self.dev_from_train_fraction <= 0.5:
+            raise BadInput(f"{where}.dev_from_train_fraction: must be in (0, 0.5] (train keeps at least half), "
+                           f"got {self.dev_from_train_fraction}")
         if self.evaluator == "prompt" and self.prompt is None:
             raise BadInput(f"{where}: evaluator 'prompt' needs a prompt block (template, verbalizer)")
         if len(self.labels) < 2:
@@ -231,7 +238,8 @@ class Suite(Validated):
         # read only by replay, whose runs name it in their summary: the suite's other runs keep their hash
         data.pop("general_corpus")
         data["dap"] = hashed_dap_settings(data["dap"])
-        later = {"subsample": {}, "dev_from_train": 0, "sample_seed": 0, "dev_texts": 0, "score": "heldout"}
+        later = {"subsample": {}, "dev_from_train": 0, "sample_seed": 0, "dev_texts": 0, "score": "heldout",
+                 "dev_from_train_fraction": 0.2}
         blocks = [d["end_task"] for d in data["domains"]] + [p["end_task"] for p in data["probes"]]
         for block in [*blocks, data["perplexity"]]:
             for key, default in later.items():

@@ -69,14 +69,36 @@ def test_a_dev_split_carved_from_train_is_disjoint_from_what_is_trained(tmp_path
     assert data.sizes == {"train": 60, "dev": 20, "test": 20}
     assert not set(data.dev.texts) & set(data.train.texts)
     assert set(data.dev.labels) == {0, 1}
-    with pytest.raises(BadInput, match="dev_from_train=100 leaves no training example"):
-        read_end_task("t", end_task(dev_from_train=100), tmp_path, None)
+    assert data.dev_split == "20 of 100 train examples (at most 20 and 0.2 of train)"
+
+
+def test_a_train_split_smaller_than_the_dev_slice_keeps_most_of_its_examples(tmp_path):
+    """das6's camera has 286 train examples and das6-lite asks for 300 dev examples from train: the dev split
+    is at most a fifth of train (said in the result file), not an error."""
+    write_task(tmp_path, train=286, test=20)
+    data = read_end_task("t", end_task(dev="dev.jsonl", dev_optional=True, dev_from_train=300), tmp_path, None)
+    assert data.sizes == {"train": 229, "dev": 57, "test": 20}
+    assert not set(data.dev.texts) & set(data.train.texts) and set(data.dev.labels) == {0, 1}
+    assert data.dev_split == "57 of 286 train examples (at most 300 and 0.2 of train)"
+
+
+def test_a_class_seen_once_in_train_keeps_its_example_and_a_tiny_train_split_gets_no_dev(tmp_path):
+    rows = [{"text": f"t{i}", "label": "no"} for i in range(30)] + [{"text": "only yes", "label": "yes"}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:4])
+    data = read_end_task("t", end_task(dev_from_train=300), tmp_path, None)
+    assert "only yes" in data.train.texts and data.sizes["dev"] == 6
+    write_jsonl(tmp_path / "train.jsonl", rows[:4])
+    tiny = read_end_task("t", end_task(dev_from_train=300), tmp_path, None)
+    assert tiny.dev is None and tiny.sizes["train"] == 4 and tiny.dev_split.startswith("none: 4 train examples")
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("subsample", {"valid": 3}, "unknown split 'valid'"),
     ("subsample", {"train": 0}, "subsample.train: expected a positive integer"),
     ("dev_from_train", -1, "dev_from_train: must be non-negative"),
+    ("dev_from_train_fraction", 0.9, "dev_from_train_fraction: must be in"),
+    ("dev_from_train_fraction", 0, "dev_from_train_fraction: must be in"),
 ])
 def test_bad_sampling_settings_are_one_line(field, value, message):
     with pytest.raises(BadInput, match=message):
