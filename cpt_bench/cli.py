@@ -104,8 +104,6 @@ def run(
         eval=eval, limit=limit, sets=set_ or [], show_progress=not quiet,
         checkpoint_every=checkpoint_every, fresh=fresh, trust_remote_code=trust_remote_code, report_to=report_to,
     )
-    if checkpoint_every < 0:
-        raise BadInput(f"--checkpoint-every must be 0 or positive, got {checkpoint_every}")
     check_writable_folder(Path(output), "--output")
     plans = plans_by_seed(request)
     first = next(plans)  # every option checked before any work

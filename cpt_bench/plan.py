@@ -168,6 +168,8 @@ def check_request(request: RunRequest) -> None:
         raise BadInput("--device cuda: no CUDA device is available")
     if request.limit is not None and request.limit <= 0:
         raise BadInput(f"--limit must be positive, got {request.limit}")
+    if request.checkpoint_every < 0:
+        raise BadInput(f"--checkpoint-every must be 0 or positive, got {request.checkpoint_every}")
     if not request.seeds:
         raise BadInput("no --seed given")
     for seed in request.seeds:

@@ -94,6 +94,10 @@ class Grid:
 
 # ---------------------------------------------------------------- reading and expanding a grid file
 
+RUN_OPTION_TYPES = {"steps": int, "limit": int, "checkpoint_every": int, "eval": str, "device": str,
+                    "report_to": str, "model": str, "data_dir": str, "suite": str}
+
+
 def load_grid(path: str | Path) -> Grid:
     """Read, check and expand a grid file; every run is checked (method, order, settings, data) before any runs.
     Bad input of any kind is one line (BadInput)."""
@@ -110,6 +114,11 @@ def load_grid(path: str | Path) -> Grid:
     for required in ("methods", "output"):
         if required not in spec:
             raise BadInput(f"grid file {path}: the key {required!r} is missing")
+    for key, kind in RUN_OPTION_TYPES.items():  # as `run` would parse them, before any run is planned
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise BadInput(f"grid file {path}: {key} must be {'an integer' if kind is int else 'a string'}, "
+                           f"got {value!r}")
     resources = _resources(spec.get("resources") or {}, path)
     report = spec.get("report") or {}
     _known_keys(report, REPORT_KEYS, f"grid file {path}: report")
@@ -251,7 +260,7 @@ class ResultPlanner:
         self.suites: dict[str, Any] = {}
 
     def result_path(self, run: GridRun, spec: dict[str, Any], suite_name: str) -> Path:
-        from cpt_bench.plan import RunRequest, apply_request_settings, plan_data, result_path
+        from cpt_bench.plan import RunRequest, apply_request_settings, check_request, plan_data, result_path
         from cpt_bench.plugin import method_class
         from cpt_bench.runner import run_configuration
         from cpt_bench.suite import load_suite
@@ -261,7 +270,10 @@ class ResultPlanner:
                              order=run.order.split(",") if run.order else None, seeds=[run.seed],
                              model=spec.get("model"), data_dir=spec.get("data_dir"), steps=spec.get("steps"),
                              output=str(Path(spec["output"]).resolve()), device=spec.get("device") or "auto",
-                             eval=spec.get("eval") or "full", limit=spec.get("limit"), sets=sets)
+                             eval=spec.get("eval") or "full", limit=spec.get("limit"), sets=sets,
+                             checkpoint_every=spec.get("checkpoint_every", 500),
+                             report_to=spec.get("report_to") or "none")
+        check_request(request)  # every run's options, not only those of the first run that reads the data
         if suite_name not in self.suites:
             self.suites[suite_name] = load_suite(suite_name)
         suite = self.suites[suite_name]

@@ -370,3 +370,23 @@ def test_a_lite_data_folder_without_a_split_stops_with_one_line_before_training(
                      "--order", "pubmed,acl", "--output", str(out))
     assert_one_line_error(result, "missing data file", "acl", "test.jsonl")
     assert not out.exists() or not list(out.glob("*.json"))
+
+
+def test_the_lite_tier_plans_every_paper_order_on_das6_sized_splits(tmp_path):
+    """das6's camera has 286 train examples and phone 337, and neither has a dev split: das6-lite's 300 dev
+    examples from train used to stop the run (`dev_from_train=300 leaves no training example`). Every one of the
+    five published orders plans, and each such task keeps four fifths of its train split."""
+    from cpt_bench.plan import RunRequest, plan_data
+
+    root = write_das6(tmp_path / "data")
+    for name, size in (("camera", 286), ("phone", 337), ("restaurant", 40)):
+        rows = ASPECT_ROWS[name]
+        write_jsonl(root / name / "train.jsonl", [rows[i % len(rows)] for i in range(size)])
+    expected = {"camera": {"train": 229, "dev": 57}, "phone": {"train": 270, "dev": 67},
+                "restaurant": {"train": 32, "dev": 8}}
+    for row in range(5):
+        plan = plan_data(RunRequest(method="naive", suite="das6-lite", data_dir=str(root), order=[f"paper:{row}"]))
+        assert sorted(plan.domains) == sorted(CORPUS)
+        sizes = {task.name: task.sizes for task in plan.data.tasks}
+        for name, split_sizes in expected.items():
+            assert {k: sizes[name][k] for k in ("train", "dev")} == split_sizes, (row, name)

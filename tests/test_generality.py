@@ -150,3 +150,20 @@ def test_check_tolerances_that_cannot_work_are_one_line(tiny_suite, tmp_path, re
                            ("no_such_metric: 0.1", "unknown metric 'no_such_metric'")):
         (runs / "tolerances.yaml").write_text(text + "\n")
         assert_one_line_error(run_cli("check", str(runs), "--reference", str(runs)), fragment)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("checkpoint_every: -1", "--checkpoint-every must be 0 or positive"),
+    ("checkpoint_every: often", "checkpoint_every must be an integer"),
+    ("report_to: nowhere", "--report-to must be one of"),
+    ("seeds: [0, -1]", "--seed -1: must be in"),  # not only the first run's options are checked
+    ("steps: 1.5", "steps must be an integer"),
+    ("eval: some", "--eval must be 'full' or 'final'"),
+    ("set: {dap.lr: .inf}", "dap.lr: expected"),
+])
+def test_grid_values_that_cannot_work_are_one_line_before_any_run(line, fragment, tiny_suite, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"suite: {tiny_suite}\nmethods: [naive]\noutput: {tmp_path / 'g'}\n{line}\n")
+    for args in (["sweep", str(grid), "--dry-run"], ["sweep", str(grid)]):
+        assert_one_line_error(run_cli(*args), fragment)
+    assert not list((tmp_path / "g").glob("**/*.json"))
