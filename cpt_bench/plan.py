@@ -106,9 +106,26 @@ def plan_run(request: RunRequest) -> RunPlan:
                 raise
             # a slice cut from a small corpus: better trained on than refused
             plan.data.put_back(corpus, f"the held-out slice is shorter than one block of {plan.dap.seq_len} tokens")
-    for line in warnings(plan.data.audit):
+    for line in warnings(plan.data.audit) + budget_warnings(plan):
         print(line, file=sys.stderr, flush=True)
     return plan
+
+
+CORPUS_PASSES_WARNING = 10  # a stage reading its corpus more often than this is memorising it
+
+
+def budget_warnings(plan: RunPlan) -> list[str]:
+    """A line for each domain whose DAP budget, chosen in steps, reads its corpus many times over (a budget set
+    for a larger corpus): said before training, since the run itself is still valid."""
+    rows = plan.dap.steps * plan.dap.batch_size * plan.dap.grad_accum
+    lines = []
+    for name in plan.domains:
+        blocks = len(plan.data.blocks(name, plan.dap.seq_len))  # tokenised now, as the run would
+        if rows / blocks > CORPUS_PASSES_WARNING:
+            lines.append(f"warning: a stage on {name} reads its corpus about {rows / blocks:.0f} times "
+                         f"({plan.dap.steps} steps × {rows // plan.dap.steps} rows over {blocks} blocks of "
+                         f"{plan.dap.seq_len} tokens): a budget set for a larger corpus? (--steps, dap.batch_size)")
+    return lines
 
 
 def check_lengths(plan: RunPlan) -> None:
@@ -293,16 +310,17 @@ class LoadedData:
         self.uncut[name] = texts
         scored = set(heldout) | set(dev_slice)
         trained = [text for text in texts[: len(texts) - cut - dev] if text not in scored]
-        if not trained:
-            raise BadInput(f"corpus {where}: every text before its held-out slice is also a held-out text (the "
-                           f"corpus repeats {len(scored)} distinct texts); nothing would be trained on")
+        if not trained:  # a corpus of a few texts repeated: better trained on whole than refused
+            self.put_back(name, f"every text before the held-out slice is also in it (the corpus repeats "
+                                f"{len(scored)} distinct texts)")
+            return texts
         return trained
 
     def put_back(self, name: str, why: str) -> None:
         """Train on the whole corpus after all, with no held-out text: its slice was too short to score."""
-        _, where = self.corpora[name]
-        self.corpora[name] = (self.uncut.pop(name), where)
-        del self.heldout[name]
+        if name in self.corpora:
+            self.corpora[name] = (self.uncut[name], self.corpora[name][1])
+        del self.uncut[name], self.heldout[name]
         self.heldout_notes[name] = f"none: {why}"
 
     def end_task_splits(self) -> dict[tuple[str, str], list[str]]:

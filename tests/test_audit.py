@@ -45,7 +45,8 @@ def _contaminate(tiny_suite) -> None:
     tests += [{"text": TEST_SENTENCE.replace("waiter", "cats"), "label": "pos"}]
     write_jsonl(data / "test.jsonl", tests)
     corpus = [json.loads(line) for line in (data / "unlabeled.jsonl").read_text().splitlines()]
-    write_jsonl(data / "unlabeled.jsonl", [*corpus, {"text": "so " + TEST_SENTENCE.replace("waiter", "cats")}])
+    # first: the corpus's last texts become its held-out slice, never trained on (so not audited)
+    write_jsonl(data / "unlabeled.jsonl", [{"text": "so " + TEST_SENTENCE.replace("waiter", "cats")}, *corpus])
 
 
 def test_the_audit_command_prints_every_pair_and_warns_on_a_contaminated_test_split(tiny_suite):

@@ -45,15 +45,20 @@ def test_a_tiny_corpus_and_a_corpus_smaller_than_one_batch_still_run(tiny_suite,
     assert "cats" not in perplexity["corpora"]
 
 
-@pytest.mark.parametrize("corpus, fragment", [
-    ([{"text": "purr"}], "shorter than one block of 16 tokens"),
-    ([{"text": "the cats was purr ."}] * 40, "every text before its held-out slice is also a held-out text"),
-])
-def test_a_corpus_with_nothing_to_train_on_is_one_line(corpus, fragment, tiny_suite, tmp_path):
-    write_jsonl(tiny_suite.parent / "data" / "cats" / "unlabeled.jsonl", corpus)
+def test_a_corpus_shorter_than_one_block_is_one_line(tiny_suite, tmp_path):
+    write_jsonl(tiny_suite.parent / "data" / "cats" / "unlabeled.jsonl", [{"text": "purr"}])
     out = tmp_path / "runs"
-    assert_one_line_error(run_tiny(tiny_suite, out, "naive"), "cats/unlabeled.jsonl", fragment)
+    assert_one_line_error(run_tiny(tiny_suite, out, "naive"), "cats/unlabeled.jsonl",
+                          "shorter than one block of 16 tokens")
     assert not out.exists() or not list(out.glob("*.json"))
+
+
+def test_a_corpus_of_one_text_repeated_is_trained_on_whole_with_no_held_out_text(tiny_suite, tmp_path):
+    write_jsonl(tiny_suite.parent / "data" / "cats" / "unlabeled.jsonl", [{"text": "the cats was purr ."}] * 40)
+    out = tmp_path / "runs"
+    assert run_tiny(tiny_suite, out, "naive").exit_code == 0
+    note = only_result(out)["perplexity"]["heldout"]["cats"]
+    assert note == "none: every text before the held-out slice is also in it (the corpus repeats 1 distinct texts)"
 
 
 @pytest.mark.parametrize("evaluator", ["head", "probe"])
@@ -167,3 +172,13 @@ def test_grid_values_that_cannot_work_are_one_line_before_any_run(line, fragment
     for args in (["sweep", str(grid), "--dry-run"], ["sweep", str(grid)]):
         assert_one_line_error(run_cli(*args), fragment)
     assert not list((tmp_path / "g").glob("**/*.json"))
+
+
+def test_a_step_budget_that_reads_a_tiny_corpus_many_times_over_is_said_before_training(tiny_suite, tmp_path):
+    write_jsonl(tiny_suite.parent / "data" / "cats" / "unlabeled.jsonl",
+                [{"text": "the cats was purr and calm and soft ."}] * 3)
+    result = run_tiny(tiny_suite, tmp_path / "runs", "naive", "--steps", "20")
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if "reads its corpus" in line]
+    assert line.startswith("warning: a stage on cats reads its corpus about 40 times")
+    assert "dogs" not in line  # dogs' 60 texts are read about once in 20 steps

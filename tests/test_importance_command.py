@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from cpt_bench.results import SCHEMA
+from test_report import result as complete_result
 
 from conftest import assert_one_line_error, run_cli
 
@@ -45,8 +44,8 @@ def _write_result(folder: Path, artifacts: dict | None = None, tensors: dict | N
     if artifacts is None:
         artifacts = {"importance": f"{STEM}.importance.safetensors"}
         save_file(_tensors() if tensors is None else tensors, folder / artifacts["importance"])
-    result = {"schema": SCHEMA, "method": "softmask", "suite": "synthetic", "domains": ["alpha", "beta"],
-              "seed": 0, "model": "synthetic-base", "metrics": {}, "artifacts": artifacts}
+    result = {**complete_result(method="softmask", suite="synthetic", domains=("alpha", "beta"), seed=0,
+                                model="synthetic-base"), "artifacts": artifacts}
     path.write_text(json.dumps(result))
     return path
 
