@@ -164,19 +164,21 @@ def test_a_checkpoint_zeroed_in_place_is_never_resumed_from(tiny_suite, tmp_path
     assert_same_result(only_result(out), reference)
 
 
-def test_every_checkpoint_damaged_is_one_line(tiny_suite, tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["replaced", "zeroed in place"])
+def test_every_checkpoint_damaged_is_one_line_suggesting_fresh(damage, tiny_suite, tmp_path, monkeypatch):
     out = tmp_path / "crashed"
     crash_at_batch(monkeypatch, 7)
     with pytest.raises(Crash):
         run_tiny(tiny_suite, out, "naive")
     monkeypatch.undo()
-    for path in _checkpoint_files(out):
-        _zero_inside(path)
-    result = run_tiny(tiny_suite, out, "naive")
-    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "every checkpoint" in errors[0] and "--fresh" in errors[0]
+    for path in _checkpoint_files(out):  # every one: a damaged newest alone falls back to the one before
+        if damage == "replaced":
+            path.write_bytes(b"not a safetensors file")
+        else:
+            _zero_inside(path)
+    assert_one_line_error(run_tiny(tiny_suite, out, "naive"), "every checkpoint", "is damaged", "--fresh")
     assert not list(out.glob("*.json"))
+    assert run_tiny(tiny_suite, out, "naive", "--fresh").exit_code == 0
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed"])

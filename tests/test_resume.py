@@ -161,17 +161,3 @@ def test_a_stage_that_never_moves_the_weights_is_an_error(tiny_suite, tmp_path, 
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "stage 'cats': none of the" in lines[0] and "changed in 4 steps" in lines[0]
     assert not list(out.glob("*.json"))
-
-
-def test_a_damaged_checkpoint_is_a_one_line_error_suggesting_fresh(tiny_suite, tmp_path, monkeypatch):
-    from conftest import assert_one_line_error
-
-    out = tmp_path / "crashed"
-    crash_at_batch(monkeypatch, 7)
-    with pytest.raises(Crash):
-        run_tiny(tiny_suite, out, "naive")
-    monkeypatch.undo()
-    for state in out.glob(".work/*/ckpt-*/state.safetensors"):  # every one: a damaged newest alone falls back
-        state.write_bytes(b"not a safetensors file")
-    assert_one_line_error(run_tiny(tiny_suite, out, "naive"), "every checkpoint", "is damaged", "--fresh")
-    assert run_tiny(tiny_suite, out, "naive", "--fresh").exit_code == 0
