@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,6 @@ class WorkDir:
     def _pass_over(self, what: str) -> None:
         if what not in self.damaged:
             self.damaged.append(what)
-            import sys
-
             print(f"warning: damaged, not used: {what}", file=sys.stderr, flush=True)
 
     def checkpoints(self) -> list[tuple[int, int, Path]]:
