@@ -49,6 +49,10 @@ class Merge(Method):
             self.reference = snapshot(stage.model)
 
     def after_stage(self, stage):
+        if self.settings.kind == "linear" and self.settings.alpha == 1.0:
+            # the whole task vector kept: the stage's weights as they are (theta_ref + (theta - theta_ref) is
+            # theta only up to rounding, so computing it would make alpha = 1 differ from naive in the last bits)
+            return
         with torch.no_grad():
             for name, parameter in stage.model.named_parameters():
                 if name in self.reference:

@@ -5,39 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cpt_bench.errors import BadInput
-from cpt_bench.report.table import general_retention, load_results, perplexity_forgetting
+from cpt_bench.metrics import gateable_metrics
+from cpt_bench.report.table import load_results
 from cpt_bench.results import configuration_settings, method_configuration
 
 TOLERANCE_FILE = "tolerances.yaml"
-
-
-@dataclasses.dataclass(frozen=True)
-class GatedMetric:
-    name: str
-    value: Callable[[dict[str, Any]], float | None]
-    higher_is_better: bool
-
-
-def _metric(key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda r: r.get("metrics", {}).get(key)
-
-
-GATED_METRICS = {m.name: m for m in [
-    GatedMetric("final_macro_f1", _metric("final_macro_f1"), True),
-    GatedMetric("final_accuracy", _metric("final_accuracy"), True),
-    GatedMetric("forgetting_macro_f1", _metric("forgetting_macro_f1"), False),
-    GatedMetric("transfer_macro_f1", _metric("transfer_macro_f1"), True),
-    GatedMetric("general_retention", general_retention, True),
-    # held-out MLM perplexity moves smoothly with the weights: the low-noise signal of a changed method
-    GatedMetric("ppl_forgetting", perplexity_forgetting, False),
-]}
 
 
 @dataclasses.dataclass
@@ -53,7 +31,7 @@ class Finding:
     def regressed(self) -> bool:
         if self.value is None:
             return True  # the reference has the metric, the run lost it
-        metric = GATED_METRICS[self.metric]
+        metric = gateable_metrics()[self.metric]
         gap = self.reference - self.value if metric.higher_is_better else self.value - self.reference
         return gap > self.tolerance + 1e-12
 
@@ -74,10 +52,10 @@ def read_tolerances(reference_dir: Path) -> dict[str, float]:
         raise BadInput(f"{path}: not readable YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict) or not data:
         raise BadInput(f"{path}: expected a mapping of metric name to absolute tolerance")
-    tolerances = {}
+    tolerances, known = {}, gateable_metrics()
     for name, value in data.items():
-        if name not in GATED_METRICS:
-            raise BadInput(f"{path}: unknown metric {name!r} (known: {', '.join(GATED_METRICS)})")
+        if name not in known:
+            raise BadInput(f"{path}: unknown metric {name!r} (known: {', '.join(known)})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise BadInput(f"{path}: tolerance of {name} must be a non-negative number, got {value!r}")
         tolerances[name] = float(value)
@@ -114,7 +92,7 @@ def check(run_paths: list[str], reference_dir: str) -> tuple[list[Finding], list
             notes.append(f"no reference for {group[0]['method']} ({describe(key)}): not checked")
             continue
         for name, tolerance in tolerances.items():
-            metric = GATED_METRICS[name]
+            metric = gateable_metrics()[name]
             reference = _mean([metric.value(r) for r in references[key]])
             if reference is None:
                 continue  # undefined for this method (e.g. forgetting of `one`)

@@ -22,6 +22,7 @@ file is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -294,9 +295,9 @@ class WorkDir:
                     found.append((int(match[1]), int(match[2]), entry))
         return sorted(found)
 
-    def latest(self) -> tuple[int, int, dict[str, Any]] | None:
-        """The newest checkpoint whose files match their manifest, as (stage, step, state); a damaged one is
-        passed over (and said). DamagedState when every checkpoint there is damaged."""
+    def latest(self) -> Resumed | None:
+        """The newest checkpoint whose files match their manifest; a damaged one is passed over (and said).
+        DamagedState when every checkpoint there is damaged."""
         found = self.checkpoints()
         if not self.enabled or not found:
             return None
@@ -309,17 +310,67 @@ class WorkDir:
                 continue
             for damage in passed_over:
                 self._pass_over(f"{damage}; resuming from the checkpoint before it, {folder.name}")
-            return stage, step, state
+            return Resumed(stage, step, checkpoint_from_content(state))
         raise DamagedState(f"every checkpoint in {self.path} is damaged (the newest: {passed_over[0]})")
 
-    def save_checkpoint(self, stage: int, step: int, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, stage: int, step: int, checkpoint: StageEnd | MidStage) -> None:
         if not self.enabled or not self.writer:
             return
         folder = self.path / f"ckpt-{stage}-{step}"
-        save_state(state, folder)
+        save_state(checkpoint_content(checkpoint), folder)
         others = [entry for _, _, entry in self.checkpoints() if entry != folder]
         for older in others[: max(0, len(others) - (KEPT_CHECKPOINTS - 1))]:  # keep the newest ones
             shutil.rmtree(older, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class StageEnd:
+    """Saved once a stage is trained and again once its row is evaluated: the run resumes with the next row or
+    stage, from these weights."""
+
+    run: dict[str, Any]  # the run's progress (results.RunProgress as a dict)
+    method: dict[str, Any]  # Method.state_dict()
+    model: dict[str, torch.Tensor]
+    rng: dict[str, Any]  # every process-wide random state (rng.process_rng_state)
+    trainer: dict[str, Any]  # DapTrainer.state_dict(): what the trainer carries from stage to stage
+
+    kind = "stage_end"
+
+
+@dataclasses.dataclass
+class MidStage:
+    """Saved every `--checkpoint-every` steps inside a stage and when a stop is requested: the trainer resumes
+    the stage at the next step."""
+
+    run: dict[str, Any]
+    method: dict[str, Any]
+    training: dict[str, Any]  # the trainer's stage state: weights, optimizer, schedule, losses, random state
+
+    kind = "mid_stage"
+
+
+@dataclasses.dataclass
+class Resumed:
+    """The newest sound checkpoint of a work directory."""
+
+    stage: int
+    step: int
+    saved: StageEnd | MidStage
+
+
+def checkpoint_content(checkpoint: StageEnd | MidStage) -> dict[str, Any]:
+    """What a checkpoint folder holds (`save_state`)."""
+    return {"kind": checkpoint.kind, **{f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(checkpoint)}}
+
+
+def checkpoint_from_content(content: dict[str, Any]) -> StageEnd | MidStage:
+    """The typed checkpoint of a folder's content (KeyError or TypeError for another layout)."""
+    kinds = {cls.kind: cls for cls in (StageEnd, MidStage)}
+    cls = kinds[content["kind"]]
+    values = {f.name: content.get(f.name) for f in dataclasses.fields(cls)}
+    if cls is StageEnd and values["trainer"] is None:  # written before the trainer kept its own state
+        values["trainer"] = {"carried_optimizer": content["optimizer"]} if "optimizer" in content else {}
+    return cls(**values)
 
 
 def _json_sha256(content: Any) -> str:

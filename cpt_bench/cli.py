@@ -89,10 +89,9 @@ def run(
 
     An interrupted run (crash, SIGKILL, SIGINT/SIGTERM) continues from its last checkpoint when the same
     command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
-    from cpt_bench.atomic import check_writable_folder, write_json_atomic
+    from cpt_bench.atomic import check_writable_folder
     from cpt_bench.checkpoint import StopRequested, StopSignal
     from cpt_bench.plan import RunRequest, check_distributed, make_accelerator, plans_by_seed
-    from cpt_bench.results import write_artifacts
     from cpt_bench.runner import execute
     from cpt_bench.suite import DEFAULT_SUITE
 
@@ -119,10 +118,6 @@ def run(
                            f"(or add --fresh to start over).", err=True)
                 raise typer.Exit(130) from None
             if accelerator.is_main_process:
-                # the artifacts before the result: a result file marks a complete run
-                run.result["artifacts"] = write_artifacts(run.path, run.artifacts)
-                write_json_atomic(run.path, run.result)
-                run.work.clear()
                 _print_summary(run.result, run.path)
 
 
@@ -297,58 +292,52 @@ def sweep(
     grid_file: Annotated[str, typer.Argument(metavar="GRID.yaml", help="grid file (or: status GRID.yaml)")],
     status_of: Annotated[str | None, typer.Argument(metavar="[GRID.yaml]", help="with `status`: the grid file",
                                                     show_default=False)] = None,
-    executor: Annotated[str, typer.Option(help="local (worker processes here) or slurm (a job array)")] = "local",
+    executor: Annotated[str, typer.Option(help="local (worker processes here) or slurm (a job array); "
+                                               "cpt_bench/executors")] = "local",
     max_parallel: Annotated[int, typer.Option(help="runs at once (local: each gets floor(cores / N) threads; "
                                                    "slurm: the array's parallelism)")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan: every run, its state and command")
                        ] = False,
-    wait: Annotated[bool, typer.Option(help="slurm: wait for the jobs to end (--no-wait: submit and return)")] = True,
+    wait: Annotated[bool, typer.Option(help="wait for the runs to end (--no-wait: submit and return, where the "
+                                           "executor queues jobs, as slurm does)")] = True,
 ) -> None:
     """Run a grid of methods × orders × seeds × settings (docs/sweeps.md), skipping finished runs and resuming
     interrupted ones; `cpt-bench sweep status GRID.yaml` prints the state of every run."""
     import shlex
 
-    from cpt_bench import sweep as sweeps
+    from cpt_bench.executors import executor_named, pending_runs, run_status, status_table
+    from cpt_bench.sweep import load_grid, write_report
 
     if grid_file == "status":
         if status_of is None:
             raise BadInput("sweep status: give the grid file (cpt-bench sweep status GRID.yaml)")
-        typer.echo(sweeps.status_table(sweeps.load_grid(status_of)))
+        typer.echo(status_table(load_grid(status_of)))
         return
     if status_of is not None:
         raise BadInput(f"sweep: one grid file, got {grid_file!r} and {status_of!r} (or: sweep status GRID.yaml)")
-    if executor not in ("local", "slurm"):
-        raise BadInput(f"--executor must be local or slurm, got {executor!r}")
+    chosen = executor_named(executor)
     if max_parallel < 1:
         raise BadInput(f"--max-parallel must be at least 1, got {max_parallel}")
-    grid = sweeps.load_grid(grid_file)  # every run checked before anything starts
+    grid = load_grid(grid_file)  # every run checked before anything starts
     if not dry_run:
         from cpt_bench.atomic import check_writable_folder
 
         check_writable_folder(grid.output, f"{grid_file}: output")
-    if executor == "slurm":
-        from cpt_bench import sweep_slurm
-
-        sweep_slurm.check_slurm()
+    chosen.check()
     if dry_run:
         for run in grid.runs:
-            state, detail = sweeps.run_status(grid, run)
+            state, detail = run_status(grid, run)
             typer.echo(f"{run.label}: {state} ({detail})\n    {shlex.join(run.command)}")
-        pending = len(sweeps.pending_runs(grid))
+        pending = len(pending_runs(grid))
         typer.echo(f"{len(grid.runs)} runs, {pending} to run ({executor}, {max_parallel} at once); nothing started")
         return
-    if executor == "slurm":
-        jobs = sweep_slurm.submit(grid, max_parallel, typer.echo)
-        if not wait:
-            return
-        sweep_slurm.wait(jobs)
-        failed = [run for run in grid.runs if not run.result.is_file()]
-    else:
-        failed = sweeps.run_local(grid, max_parallel, typer.echo)
-    sweeps.write_report(grid, typer.echo)
-    if failed:
-        for run in failed:
-            state, detail = sweeps.run_status(grid, run)
+    not_done = chosen.execute(grid, pending_runs(grid), max_parallel, typer.echo, wait=wait)
+    if not_done is None:  # submitted, not waited for: `cpt-bench sweep status` follows the runs
+        return
+    write_report(grid, typer.echo)
+    if not_done:
+        for run in not_done:
+            state, detail = run_status(grid, run)
             typer.echo(f"not done: {run.label}: {state}: {detail} (log: {grid.log_file(run)})", err=True)
         raise typer.Exit(1)
     typer.echo(f"all {len(grid.runs)} runs done")

@@ -20,6 +20,7 @@ from cpt_bench.data import read_corpus, read_end_task
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import check_end_task
 from cpt_bench.head_warmup import warm_head
+from cpt_bench.identity import run_configuration
 from cpt_bench.models import is_causal_lm, load_lm
 from cpt_bench.plugin import Method, method_class
 from cpt_bench.settings import DataSettings, override, parse_set_options
@@ -86,6 +87,7 @@ class RunPlan:
 def plan_run(request: RunRequest) -> RunPlan:
     """Check every option before any work: unknown names, bad orders, bad settings are BadInput."""
     plan = plan_data(request)
+    configuration = run_configuration(plan, request.seeds[0])
     plan.original_model, plan.tokenizer = load_lm(plan.model_name, request.trust_remote_code, plan.data_dir)
     plan.model_fingerprint = model_fingerprint(plan.original_model)  # once, not per seed: a full-weight hash
     plan.data.tokenizer = plan.tokenizer
@@ -108,6 +110,9 @@ def plan_run(request: RunRequest) -> RunPlan:
             plan.data.put_back(corpus, f"the held-out slice is shorter than one block of {plan.dap.seq_len} tokens")
     for line in warnings(plan.data.audit) + budget_warnings(plan):
         print(line, file=sys.stderr, flush=True)
+    if run_configuration(plan, request.seeds[0]) != configuration:  # a sweep predicts result files without a model
+        raise RuntimeError("planning changed the run's configuration after the data plan (plan_data): a sweep "
+                           "would predict another result file; move that step into plan_data")
     return plan
 
 
@@ -159,9 +164,11 @@ def plans_by_seed(request: RunRequest) -> Iterator[tuple[int, RunPlan]]:
             yield seed, plan_run(dataclasses.replace(request, seeds=[seed]))
 
 
-def plan_data(request: RunRequest) -> RunPlan:
+def plan_data(request: RunRequest, loaded: dict[tuple, LoadedData] | None = None) -> RunPlan:
     """The plan without its model: options and settings checked, every corpus and end task read (data problems
-    surface before the possibly slow model load)."""
+    surface before the possibly slow model load). Its `identity.run_key` is the run's: `plan_run` adds the
+    model and nothing the configuration reads. `loaded`: data already read by earlier calls, by what it was read
+    from (a sweep plans many runs over the same data)."""
     suite = load_suite(request.suite)
     method_cls = method_class(request.method)
     check_request(request)
@@ -170,9 +177,16 @@ def plan_data(request: RunRequest) -> RunPlan:
                    resolve_data_dir(suite, request.data_dir, request.seeds[0] if request.seeds else 0),
                    request.model or suite.model)
     finetune_keys_from_cli = apply_request_settings(plan)
+    source = (suite.fingerprint(), tuple(plan.domains), str(plan.data_dir), request.limit,
+              json.dumps(dataclasses.asdict(plan.data_settings), sort_keys=True), tuple(sorted(finetune_keys_from_cli)))
+    if loaded is not None and source in loaded:
+        plan.data = loaded[source]
+        return plan
     plan.data = LoadedData(plan)
     for task in plan.data.tasks + plan.data.probes:  # the command line beats a task's own settings in the suite
         task.finetune_overrides = {k: v for k, v in task.finetune_overrides.items() if k not in finetune_keys_from_cli}
+    if loaded is not None:
+        loaded[source] = plan.data
     return plan
 
 
@@ -374,17 +388,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def result_path(plan: RunPlan, seed: int, config: dict[str, Any]) -> Path:
-    """One file per (method, order, seed); a different configuration gets a different file."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    order = "-".join(plan.domains)
-    if len(order) > 60:
-        order = hashlib.sha256(order.encode()).hexdigest()[:12]
-    name = f"{plan.suite.name}__{plan.method_cls.name}__{order}__seed{seed}__{digest}.json"
-    return Path(plan.request.output) / name
-
 
 
 def check_distributed(plan: RunPlan, accelerator) -> None:

@@ -12,59 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from cpt_bench.atomic import write_safetensors_atomic
+from cpt_bench.metrics import MATRICES, final_scores, metrics_block, run_metrics  # noqa: F401 - re-exported
 from cpt_bench.plugin import METHODS, load_plugins
 from cpt_bench.settings import DapSettings, DataSettings, FinetuneSettings, value_when_absent
 
 SCHEMA = "cpt-bench/run/v1"
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(sum(values) / len(values)) if values else None
-
-
-def final_scores(matrix: list[list[float | None]]) -> list[float | None]:
-    """Per column, the score after the latest stage that evaluated it (the last row for continual methods)."""
-    if not matrix:
-        return []
-    columns = len(matrix[0])
-    latest: list[float | None] = [None] * columns
-    for row in matrix:
-        for j, value in enumerate(row):
-            if value is not None:
-                latest[j] = value
-    return latest
-
-
-def run_metrics(matrix: list[list[float | None]], base: list[float], square: bool) -> dict[str, float | None]:
-    """Final score, forgetting and transfer of one metric's matrix (rows = stages, columns = domains).
-
-    `square`: stage i trained domain i, so A[j][j] is "just after learning j" (continual methods, `one`).
-    Metrics that a matrix cannot define are None (null), never 0.
-    """
-    finals = final_scores(matrix)
-    final = _mean(finals) if finals and all(v is not None for v in finals) else None
-    forgetting = transfer = None
-    if square and matrix:
-        t = len(matrix)
-        last = matrix[-1]
-        pairs = [(matrix[j][j], last[j]) for j in range(t - 1)]
-        if t > 1 and all(a is not None and b is not None for a, b in pairs):
-            forgetting = _mean([a - b for a, b in pairs])  # paper: mean_j<T-1 A[j][j] - A[T-1][j]
-        diagonal = [matrix[j][j] for j in range(t)]
-        if all(v is not None for v in diagonal):
-            transfer = _mean([d - b for d, b in zip(diagonal, base)])  # mean_j A[j][j] - base[j]
-    return {"final": final, "forgetting": forgetting, "transfer": transfer}
-
-
-def metrics_block(matrices: dict[str, list[list[float | None]]], base: dict[str, list[float]],
-                  square: bool) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for metric in ("macro_f1", "accuracy"):
-        values = run_metrics(matrices[metric], base[metric], square)
-        out[f"final_{metric}"] = values["final"]
-        out[f"forgetting_{metric}"] = values["forgetting"]
-        out[f"transfer_{metric}"] = values["transfer"]
-    return out
 
 
 def git_commit() -> str:
@@ -184,7 +136,7 @@ class RunProgress:
     def add_row(self, scores: list[dict[str, Any] | None], probe_scores: dict[str, dict[str, Any]],
                 perplexity_row: list[tuple[float, float]]) -> None:
         """The evaluation after one stage: each domain's end-task scores (None: not evaluated), each probe's."""
-        for metric in ("macro_f1", "accuracy"):
+        for metric in MATRICES:
             self.matrices[metric].append([None if s is None else s[metric] for s in scores])
         self.finetune_seconds["matrix"].append([None if s is None else s.get("seconds") for s in scores])
         for name, probe in probe_scores.items():
@@ -215,7 +167,7 @@ def build_result(identity: RunIdentity, progress: RunProgress, base_scores: dict
     `truncated_examples`: task -> split -> examples longer than finetune.max_length; `details`: the keys after
     `finetune_seconds` (wall time, overhead, method summary, settings)."""
     domains = identity.domains
-    base = {metric: [base_scores[d][metric] for d in domains] for metric in ("macro_f1", "accuracy")}
+    base = {metric: [base_scores[d][metric] for d in domains] for metric in MATRICES}
     matrices = progress.matrices if stage_names else {k: [list(v)] for k, v in base.items()}  # `base`: one row
     return {
         "schema": SCHEMA,

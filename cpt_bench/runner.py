@@ -21,15 +21,25 @@ from accelerate.utils import set_seed
 
 from cpt_bench.atomic import write_json_atomic
 from cpt_bench.cache import cache_dir
-from cpt_bench.checkpoint import DamagedState, StopRequested, StopSignal, WorkDir
+from cpt_bench.checkpoint import DamagedState, MidStage, Resumed, StageEnd, StopRequested, StopSignal, WorkDir
 from cpt_bench.compute import ComputeCounter
 from cpt_bench.errors import BadInput
 from cpt_bench.evaluator import EndTaskEvaluator
+from cpt_bench.identity import run_configuration, run_key  # noqa: F401 - run_configuration re-exported
+from cpt_bench.metrics import MATRICES
 from cpt_bench.perplexity import heldout_scores
-from cpt_bench.plan import LoadedData, RunPlan, result_path
-from cpt_bench.results import RunIdentity, RunProgress, build_result, command_line, git_commit, versions
+from cpt_bench.plan import LoadedData, RunPlan
+from cpt_bench.results import (
+    RunIdentity,
+    RunProgress,
+    build_result,
+    command_line,
+    git_commit,
+    versions,
+    write_artifacts,
+)
 from cpt_bench.rng import derive_seed, process_rng_state, set_process_rng_state
-from cpt_bench.settings import DataSettings, as_dict, hashed_dap_settings
+from cpt_bench.settings import as_dict
 from cpt_bench.stage import SequenceState, Stage
 from cpt_bench.tracking import RunTracker
 from cpt_bench.trainer import Checkpointing, DapTrainer
@@ -41,14 +51,13 @@ EVALUATOR_NAMES = {"head": "fine-tune a classification head on the first token",
 
 @dataclasses.dataclass
 class RunOutput:
-    path: Path  # where the result file goes
+    path: Path  # the result file (written by the main process)
     result: dict[str, Any]
-    artifacts: dict[str, dict[str, torch.Tensor]]  # the method's tensors, saved beside the result
-    work: WorkDir  # the run's checkpoints: remove once the result is written
 
 
 def execute(plan: RunPlan, seed: int, accelerator, stop_signal: StopSignal | None = None) -> RunOutput:
-    """Run one seed of a plan, resuming from its work directory if it has one."""
+    """Run one seed of a plan, resuming from its work directory if it has one; the result file is written and
+    the work directory removed when it ends."""
     return SeedRun(plan, seed, accelerator, stop_signal).execute()
 
 
@@ -66,7 +75,8 @@ class SeedRun:
             unknown = [c for c in stage.corpora if c not in plan.domains]
             if unknown:
                 raise ValueError(f"method {self.method.name} planned a stage on unknown corpus {unknown[0]!r}")
-        self.path = result_path(plan, seed, self.configuration())
+        self.key = run_key(plan, seed)
+        self.path = self.key.result_path
         # several processes: each reads the checkpoints, the main process alone writes them
         self.work = WorkDir(Path(plan.request.output) / ".work" / self.path.stem, enabled=plan.request.resume,
                             writer=accelerator.is_main_process)
@@ -80,7 +90,7 @@ class SeedRun:
             if index < self.progress.rows_done:
                 continue  # trained and evaluated before an interruption
             if index >= len(self.progress.stage_records):  # else: trained before an interruption
-                resume = checkpoint["training"] if checkpoint and checkpoint["kind"] == "mid_stage" else None
+                resume = checkpoint.saved.training if checkpoint and isinstance(checkpoint.saved, MidStage) else None
                 self.train(index, stage, resume)
                 checkpoint = None
             self.evaluate_row(index, stage)
@@ -88,13 +98,22 @@ class SeedRun:
                 self.save_checkpoint(index)
         result = self.result()
         self.tracker.finish(result)
-        return RunOutput(self.path, result, self.method.artifacts(), self.work)
+        self.publish(result)
+        return RunOutput(self.path, result)
+
+    def publish(self, result: dict[str, Any]) -> None:
+        """The method's tensors, then the result file (a result file marks a complete run), then the checkpoints
+        removed: the main process's job, the others wait for it."""
+        if self.accelerator.is_main_process:
+            result["artifacts"] = write_artifacts(self.path, self.method.artifacts())
+            write_json_atomic(self.path, result)
+            self.work.clear()
 
     def configuration(self) -> dict[str, Any]:
-        return run_configuration(self.plan, self.seed)
+        return self.key.configuration
 
     # ---- prepare, start or resume
-    def prepare(self) -> dict[str, Any] | None:
+    def prepare(self) -> Resumed | None:
         """The LM on the device, the evaluator, the original model's scores; returns the newest checkpoint."""
         plan = self.plan
         self.model = copy.deepcopy(plan.original_model).to(self.accelerator.device)
@@ -108,7 +127,7 @@ class SeedRun:
             self.accelerator.wait_for_everyone()  # no process reads what the main process is deleting
         self.work.claim()
         try:
-            checkpoint = self.work.latest()  # (stage, step, state) of the newest sound checkpoint, or None
+            checkpoint = self.work.latest()  # the newest sound checkpoint, or None
         except DamagedState as error:
             raise BadInput(f"{error}; run with --fresh to start over") from None
         except Exception as error:  # noqa: BLE001 - any damage or format change of the saved files
@@ -116,7 +135,7 @@ class SeedRun:
                            f"run with --fresh to start over") from None
         self.base_scores = cached_base_scores(plan, self.model, self.evaluator, self.seed)
         set_seed(self.seed)
-        return checkpoint and {"stage": checkpoint[0], "step": checkpoint[1], **checkpoint[2]}
+        return checkpoint
 
     def take_lock(self) -> None:
         """Refuse to run what an identical run, started into the same output folder, is running now (both would
@@ -130,7 +149,7 @@ class SeedRun:
             raise BadInput(f"the same run is already running into {self.plan.request.output} ({holder}; lock "
                            f"{self.work.lock_file}): wait for it to finish, or give another --output")
 
-    def start_or_resume(self, checkpoint: dict[str, Any] | None) -> None:
+    def start_or_resume(self, checkpoint: Resumed | None) -> None:
         """A fresh progress (and the original model's perplexities), or the checkpoint's; then the method's
         `before_sequence`, and on resume its state and the LM's weights (plugin.py, "Resume")."""
         plan, data = self.plan, self.plan.data
@@ -138,7 +157,7 @@ class SeedRun:
             corpora = perplexity_corpora(plan)
             base = [self.perplexity(self.model, c) for c in corpora]
             self.progress = RunProgress(
-                matrices={"macro_f1": [], "accuracy": []},
+                matrices={metric: [] for metric in MATRICES},
                 probes={p.name: {"base": self.base_scores[p.name]["macro_f1"], "stages": []} for p in data.probes},
                 perplexity={"corpora": corpora, "blocks": plan.suite.perplexity.blocks,
                             "heldout": {name: data.heldout_notes.get(name, "file") for name in corpora}
@@ -149,9 +168,9 @@ class SeedRun:
                 stage_records=[], finetune_seconds={"matrix": [], "probes": {p.name: [] for p in data.probes}},
                 learned=[], started=self.started.isoformat(), git_commit=git_commit())
         else:
-            self.progress = RunProgress(**checkpoint["run"])
+            self.progress = RunProgress(**checkpoint.saved.run)
             self.started = datetime.datetime.fromisoformat(self.progress.started)
-            print(f"resuming {self.path.name} from stage {checkpoint['stage'] + 1} step {checkpoint['step']} "
+            print(f"resuming {self.path.name} from stage {checkpoint.stage + 1} step {checkpoint.step} "
                   f"({self.work.path})", file=sys.stderr, flush=True)
         self.segment_started = time.perf_counter()
         self.compute = ComputeCounter(self.progress.flops)  # counts DAP's passes, not the evaluations'
@@ -167,14 +186,14 @@ class SeedRun:
         if checkpoint is None:
             return
         try:
-            self.method.load_state_dict(checkpoint["method"])
+            self.method.load_state_dict(checkpoint.saved.method)
         except Exception as error:  # noqa: BLE001 - a checkpoint of another version of the method
             raise BadInput(f"the checkpoint in {self.work.path} does not fit method {self.method.name} "
                            f"({type(error).__name__}: {error}); run with --fresh to start over") from None
-        if checkpoint["kind"] == "stage_end":  # a mid-stage checkpoint's weights are the trainer's to restore
-            self.model.load_state_dict(checkpoint["model"])
-            set_process_rng_state(checkpoint["rng"], self.accelerator)
-            self.trainer.carried_optimizer = checkpoint.get("optimizer")
+        if isinstance(checkpoint.saved, StageEnd):  # a mid-stage checkpoint's weights are the trainer's to restore
+            self.model.load_state_dict(checkpoint.saved.model)
+            set_process_rng_state(checkpoint.saved.rng, self.accelerator)
+            self.trainer.load_state_dict(checkpoint.saved.trainer)
 
     # ---- one stage: train, evaluate, checkpoint
     def train(self, index: int, stage: Stage, resume: dict[str, Any] | None) -> None:
@@ -230,15 +249,12 @@ class SeedRun:
                 for corpus in self.progress.perplexity["corpora"]]
 
     def save_mid_stage_checkpoint(self, index: int, step: int, training: dict[str, Any]) -> None:
-        self.work.save_checkpoint(index, step, {"kind": "mid_stage", "run": self.progress_state(),
-                                                "method": self.method.state_dict(), "training": training})
+        self.work.save_checkpoint(index, step, MidStage(self.progress_state(), self.method.state_dict(), training))
 
     def save_checkpoint(self, index: int) -> None:
-        checkpoint = {"kind": "stage_end", "run": self.progress_state(), "method": self.method.state_dict(),
-                      "model": self.model.state_dict(), "rng": process_rng_state(self.accelerator)}
-        if self.trainer.carried_optimizer is not None:  # dap.optimizer_state=carry: the next stage starts from it
-            checkpoint["optimizer"] = self.trainer.carried_optimizer
-        self.work.save_checkpoint(index, self.progress.stage_records[-1]["steps"], checkpoint)
+        self.work.save_checkpoint(index, self.progress.stage_records[-1]["steps"], StageEnd(
+            self.progress_state(), self.method.state_dict(), self.model.state_dict(),
+            process_rng_state(self.accelerator), self.trainer.state_dict()))
 
     def progress_state(self) -> dict[str, Any]:
         """The progress as a checkpoint keeps it (the wall time so far included)."""
@@ -282,7 +298,7 @@ class SeedRun:
         provenance = {"git_commit": self.progress.git_commit, "versions": versions(),
                       "started": self.started.isoformat(), "finished": finished.isoformat(),
                       "device": describe_device(self.accelerator), "command": command_line(),
-                      "config_hash": self.path.stem.rsplit("__", 1)[-1], "contamination": plan.data.contamination()}
+                      "config_hash": self.key.config_hash, "contamination": plan.data.contamination()}
         if plan.generates_data:
             # which generated language and base LM (both from the suite seed; "run": the run's seed)
             provenance["generated_data"] = {"generator": plan.suite.generator.name, "folder": plan.data_dir.name,
@@ -292,19 +308,6 @@ class SeedRun:
         self.progress.flops = self.compute.flops
         return build_result(identity, self.progress, {t.name: self.base_scores[t.name] for t in plan.data.tasks},
                             [s.name for s in self.stages], square, self.evaluator.truncated, details, provenance)
-
-
-def run_configuration(plan: RunPlan, seed: int) -> dict[str, Any]:
-    """Everything that makes two runs the same run (hashed into the result file's name). Needs no model, so that a
-    sweep knows each run's result file before it starts any (`planned_result_path`)."""
-    configuration = {
-        "method": plan.method_cls.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
-        "suite_fingerprint": plan.suite.fingerprint(), "domains": plan.domains, "seed": seed,
-        "model": plan.model_name, "dap": hashed_dap_settings(as_dict(plan.dap)), "finetune": as_dict(plan.finetune),
-        "eval": plan.request.eval, "limit": plan.request.limit, "data": plan.data.fingerprint}
-    if plan.data_settings != DataSettings():  # only when set: earlier runs keep their file names
-        configuration["data_settings"] = as_dict(plan.data_settings)
-    return configuration
 
 
 class RowMeasurements:

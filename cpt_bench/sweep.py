@@ -1,5 +1,5 @@
 """`cpt-bench sweep`: a grid of runs (methods with setting variants × orders × seeds) read from a YAML file, run by
-local worker processes or as a SLURM job array through submitit (docs/sweeps.md).
+an executor (cpt_bench/executors: local worker processes, a SLURM job array; docs/sweeps.md).
 
 Each run is `cpt-bench run` in its own process, so a sweep adds nothing to a run's behaviour: a finished run (its
 result file exists) is skipped, an interrupted one resumes from its checkpoint in OUTPUT/.work, and the sweep's own
@@ -13,12 +13,9 @@ import datetime
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -251,44 +248,26 @@ def _grid_run(spec: dict[str, Any], suite: str, method: str, variant: str, setti
 
 
 class ResultPlanner:
-    """The result file each run will write, known before any run starts (the file name hashes the run's whole
-    configuration, `runner.run_configuration`, which needs the data but no model). The data is read once per
-    (order, language seed, data options), not once per run."""
+    """The result file each run will write, known before any run starts: `identity.run_key` of the plan that
+    `cpt-bench run` itself makes without its model (`plan.plan_data`), so the two cannot disagree. The data is
+    read once per (suite, order, language seed, data options), not once per run."""
 
     def __init__(self):
-        self.data: dict[tuple, Any] = {}
-        self.suites: dict[str, Any] = {}
+        self.loaded: dict[tuple, Any] = {}
 
     def result_path(self, run: GridRun, spec: dict[str, Any], suite_name: str) -> Path:
-        from cpt_bench.plan import RunRequest, apply_request_settings, check_request, plan_data, result_path
-        from cpt_bench.plugin import method_class
-        from cpt_bench.runner import run_configuration
-        from cpt_bench.suite import load_suite
+        from cpt_bench.identity import run_key
+        from cpt_bench.plan import RunRequest, plan_data
 
-        sets = [f"{k}={v}" for k, v in run.settings.items()]
         request = RunRequest(method=run.method, suite=suite_name,
                              order=run.order.split(",") if run.order else None, seeds=[run.seed],
                              model=spec.get("model"), data_dir=spec.get("data_dir"), steps=spec.get("steps"),
                              output=str(Path(spec["output"]).resolve()), device=spec.get("device") or "auto",
-                             eval=spec.get("eval") or "full", limit=spec.get("limit"), sets=sets,
+                             eval=spec.get("eval") or "full", limit=spec.get("limit"),
+                             sets=[f"{k}={v}" for k, v in run.settings.items()],
                              checkpoint_every=spec.get("checkpoint_every", 500),
                              report_to=spec.get("report_to") or "none")
-        check_request(request)  # every run's options, not only those of the first run that reads the data
-        if suite_name not in self.suites:
-            self.suites[suite_name] = load_suite(suite_name)
-        suite = self.suites[suite_name]
-        language_seed = run.seed if suite.generator is not None and suite.generator.seed == "run" else None
-        data_sets = tuple(sorted(s for s in sets if s.startswith(("finetune.", "data."))))
-        key = (run.order, language_seed, data_sets)
-        if key not in self.data:
-            self.data[key] = plan_data(request)
-        shared = self.data[key]
-        method_cls = method_class(run.method)
-        plan = dataclasses.replace(shared, request=request, method_cls=method_cls,
-                                   method_settings=method_cls.Settings(), dap=shared.suite.dap,
-                                   finetune=shared.suite.finetune)
-        apply_request_settings(plan)
-        return result_path(plan, run.seed, run_configuration(plan, run.seed))
+        return run_key(plan_data(request, self.loaded), run.seed).result_path
 
 
 def _refuse_duplicates(runs: list[GridRun], path: Path | str) -> None:
@@ -302,13 +281,13 @@ def _refuse_duplicates(runs: list[GridRun], path: Path | str) -> None:
 
 # ---------------------------------------------------------------- the state of each run
 
-def _now() -> str:
+def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def write_state(grid: Grid, run: GridRun, **state: Any) -> None:
     grid.state_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(grid.state_file(run), {"label": run.label, "updated": _now(), **state})
+    write_json_atomic(grid.state_file(run), {"label": run.label, "updated": now(), **state})
 
 
 def read_state(grid: Grid, run: GridRun) -> dict[str, Any]:
@@ -318,7 +297,7 @@ def read_state(grid: Grid, run: GridRun) -> dict[str, Any]:
         return {}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -326,16 +305,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _slurm_job_state(job_id: str) -> str | None:
-    """PENDING, RUNNING, ... for a job still known to the scheduler; None for a finished or unknown one."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = out.stdout.split()
-    return lines[0] if out.returncode == 0 and lines else None
 
 
 def checkpoint_reached(grid: Grid, run: GridRun) -> str | None:
@@ -347,44 +316,6 @@ def checkpoint_reached(grid: Grid, run: GridRun) -> str | None:
         return None
     stage, step = found[-1]
     return f"stage {stage + 1}, step {step}"
-
-
-def run_status(grid: Grid, run: GridRun) -> tuple[str, str]:
-    """(state, detail): done (its result file exists), running (its process or SLURM job is alive), queued (not
-    started, or waiting in the SLURM queue), failed (with the last line of its error), resumable (stopped with a
-    checkpoint: the next sweep continues it)."""
-    if run.result.is_file():
-        return "done", run.result.name
-    state, reached = read_state(grid, run), checkpoint_reached(grid, run)
-    progress = f" ({reached})" if reached else ""
-    job = state.get("job_id")
-    slurm = _slurm_job_state(str(job)) if job else None
-    if slurm in ("PENDING", "REQUEUED", "CONFIGURING"):
-        return "queued", f"SLURM job {job} {slurm.lower()}"
-    if slurm is not None:
-        return "running", f"SLURM job {job}{progress}"
-    if is_active(grid, run):
-        pid = state["pid"] if state.get("state") == "running" and not job else "outside this sweep"
-        return "running", f"pid {pid}{progress}"
-    if state.get("state") == "failed":
-        return "failed", state.get("error") or f"exit code {state.get('returncode')}"
-    if reached:
-        return "resumable", reached
-    if state.get("state") in ("running", "submitted", "interrupted"):
-        return "failed", f"stopped before its first checkpoint (log: {grid.log_file(run)})"
-    return "queued", "not started"
-
-
-def status_table(grid: Grid) -> str:
-    from tabulate import tabulate
-
-    rows, counts = [], dict.fromkeys(STATES, 0)
-    for run in grid.runs:
-        state, detail = run_status(grid, run)
-        counts[state] += 1
-        rows.append([run.label, state, detail])
-    summary = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
-    return f"{tabulate(rows, headers=['run', 'state', 'detail'], tablefmt='simple')}\n\n{grid.source}: {summary}"
 
 
 def last_error_line(log: Path) -> str:
@@ -420,7 +351,7 @@ def run_one(command: list[str], log: Path, threads: int | None, on_start: Callab
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as out:
-        out.write(f"\n[{_now()}] {shlex.join(command)}\n")
+        out.write(f"\n[{now()}] {shlex.join(command)}\n")
         out.flush()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         if on_start is not None:
@@ -431,7 +362,7 @@ def run_one(command: list[str], log: Path, threads: int | None, on_start: Callab
 INTERRUPTED = 130  # `cpt-bench run` stopped by a signal after saving its checkpoint
 
 
-def _finish(grid: Grid, run: GridRun, returncode: int, **extra: Any) -> bool:
+def finish_run(grid: Grid, run: GridRun, returncode: int, **extra: Any) -> bool:
     if returncode == 0 and run.result.is_file():
         write_state(grid, run, state="done", returncode=0, **extra)
         return True
@@ -441,51 +372,6 @@ def _finish(grid: Grid, run: GridRun, returncode: int, **extra: Any) -> bool:
     error = last_error_line(grid.log_file(run)) or f"exit code {returncode}"
     write_state(grid, run, state="failed", returncode=returncode, error=error, **extra)
     return False
-
-
-def is_active(grid: Grid, run: GridRun) -> bool:
-    """Whether the run's SLURM job (queued or running) or its process on this host is alive: another sweep, or
-    a `cpt-bench run` started by hand (its work directory's owner.json), has it."""
-    state = read_state(grid, run)
-    if state.get("job_id") and _slurm_job_state(str(state["job_id"])) is not None:
-        return True
-    here = socket.gethostname()
-    if state.get("state") == "running" and state.get("host") == here and _pid_alive(int(state.get("pid", 0))):
-        return True
-    try:
-        owner = json.loads((grid.output / ".work" / run.key / "owner.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return owner.get("host") == here and _pid_alive(int(owner.get("pid", 0)))
-
-
-def pending_runs(grid: Grid) -> list[GridRun]:
-    """The runs to start: not done, and not running or queued elsewhere (another sweep, a SLURM job)."""
-    return [run for run in grid.runs if not run.result.is_file() and not is_active(grid, run)]
-
-
-def run_local(grid: Grid, max_parallel: int, echo: Callable[[str], None]) -> list[GridRun]:
-    """Run the pending runs in at most `max_parallel` worker processes at once; returns those that failed."""
-    todo = pending_runs(grid)
-    # Fewer runs than workers: the idle workers' cores go to the runs there are.
-    at_once = min(max_parallel, max(1, len(todo)))
-    threads = threads_per_worker(cpu_cores(), at_once, grid.resources.processes_per_run)
-    echo(f"{len(grid.runs) - len(todo)} of {len(grid.runs)} runs done or running elsewhere; {len(todo)} to run, "
-         f"{at_once} at once, {threads} thread(s) each")
-    host = socket.gethostname()
-
-    def work(run: GridRun) -> bool:
-        started = time.perf_counter()
-        returncode = run_one(run.command, grid.log_file(run), threads,
-                             lambda pid: write_state(grid, run, state="running", host=host, pid=pid, started=_now()))
-        ok = _finish(grid, run, returncode, host=host)
-        echo(f"{run.label}: {'done' if ok else 'FAILED: ' + read_state(grid, run).get('error', '')} "
-             f"({time.perf_counter() - started:.0f} s)")
-        return ok
-
-    with ThreadPoolExecutor(at_once) as pool:
-        outcomes = list(pool.map(work, todo))
-    return [run for run, ok in zip(todo, outcomes) if not ok]
 
 
 def write_report(grid: Grid, echo: Callable[[str], None]) -> None:

@@ -103,6 +103,13 @@ class DapTrainer:
         # the experiment tracker's feed (tracking.RunTracker.step)
         self.on_step: Callable[[int, int, dict[str, float]], None] | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the trainer carries from one stage to the next (a stage-end checkpoint keeps it)."""
+        return {} if self.carried_optimizer is None else {"carried_optimizer": self.carried_optimizer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.carried_optimizer = state.get("carried_optimizer")
+
     def train_stage(self, model: nn.Module, blocks, stage: Stage, stage_index: int,
                     checkpointing: Checkpointing | None = None) -> StageRecord:
         """One DAP stage: the method's events around `steps × steps_scale` optimizer steps on `blocks`."""

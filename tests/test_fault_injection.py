@@ -78,13 +78,14 @@ def test_random_sigkills_resume_to_the_uninterrupted_result(campaign, tmp_path):
     assert not any((out / ".work").iterdir())
 
 
-def _crash_on_call(monkeypatch, owner, name: str, number: int, before=None) -> None:
-    """Crash the `number`-th call of owner.name, after `before(*args)` (what the call had done when killed)."""
+def _crash_on_call(monkeypatch, owner, name: str, number: int, before=None, only=None) -> None:
+    """Crash the `number`-th call of owner.name (of those for which `only(*args)` holds), after `before(*args)`
+    (what the call had done when killed)."""
     original, calls = getattr(owner, name), [0]
 
     def crashing(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == number:
+        calls[0] += only is None or only(*args, **kwargs)
+        if calls[0] == number and (only is None or only(*args, **kwargs)):
             if before is not None:
                 before(original, *args, **kwargs)
             raise Crash(f"{name} call {number}")
@@ -112,14 +113,15 @@ def test_a_crash_while_writing_resumes_to_the_same_result(where, tiny_suite, tmp
                                                           reference_runs):
     import safetensors.torch
 
-    from cpt_bench import atomic, checkpoint
+    from cpt_bench import checkpoint, runner
 
     reference = reference_runs("naive")
     out = tmp_path / "crashed"
     if where == "checkpoint tensors":  # the third checkpoint's tensor file, half written
         _crash_on_call(monkeypatch, safetensors.torch, "save_file", 3, _half_written_tensors)
     elif where == "result file":  # the result's temporary file half written, never renamed
-        _crash_on_call(monkeypatch, atomic, "write_json_atomic", 1, _result_written_not_renamed)
+        _crash_on_call(monkeypatch, runner, "write_json_atomic", 1, _result_written_not_renamed,
+                       only=lambda path, data: Path(path).parent == out)
     else:  # the result is written; the work folder half removed
         _crash_on_call(monkeypatch, checkpoint.WorkDir, "clear", 1, _work_folder_half_removed)
     with pytest.raises(Crash):

@@ -136,7 +136,7 @@ def test_bad_perplexity_settings_are_one_line(field, value, fragment, tiny_suite
     (["check", "{runs}", "--reference", "{missing}"], "no such directory"),
     (["sweep", "{missing}"], "no such file"),
     (["sweep", "{grid}", "--max-parallel", "0"], "--max-parallel must be at least 1"),
-    (["sweep", "{grid}", "--executor", "cloud"], "--executor must be local or slurm"),
+    (["sweep", "{grid}", "--executor", "cloud"], "--executor must be one of local, slurm"),
     (["sweep", "status"], "give the grid file"),
 ])
 def test_report_check_and_sweep_option_values_that_cannot_work_are_one_line(args, fragment, tiny_suite, tmp_path):

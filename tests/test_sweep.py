@@ -84,7 +84,7 @@ def test_two_local_workers_on_two_cores_run_with_one_thread_each(tiny_suite, tmp
 
 
 def test_status_reports_every_state(tiny_suite, tmp_path):
-    from cpt_bench import sweep
+    from cpt_bench import executors, sweep
 
     path = write_grid(tmp_path, tiny_suite, seeds=[0, 1, 2, 3, 4])
     grid = sweep.load_grid(path)
@@ -98,11 +98,11 @@ def test_status_reports_every_state(tiny_suite, tmp_path):
         # failed: a process that ends with an error line, as `cpt-bench run` does
         code = sweep.run_one([sys.executable, "-c", "import sys; print('error: the data went missing'); sys.exit(2)"],
                              grid.log_file(failed), threads=1)
-        sweep._finish(grid, failed, code)
+        sweep.finish_run(grid, failed, code)
         checkpoint = grid.output / ".work" / resumable.key / "ckpt-1-6"  # as the runner names them
         checkpoint.mkdir(parents=True)
         (checkpoint / "state.json").write_text("{}")
-        states = {run.label: sweep.run_status(grid, run) for run in grid.runs}
+        states = {run.label: executors.run_status(grid, run) for run in grid.runs}
         assert states[done.label][0] == "done"
         assert states[running.label] == ("running", f"pid {sleeper.pid}")
         assert states[queued.label] == ("queued", "not started")
@@ -112,11 +112,11 @@ def test_status_reports_every_state(tiny_suite, tmp_path):
         assert table.exit_code == 0
         assert "1 done, 1 running, 1 queued, 1 failed, 1 resumable" in table.output
         # a sweep starts neither the done nor the running one
-        assert {run.label for run in sweep.pending_runs(grid)} == {queued.label, failed.label, resumable.label}
+        assert {run.label for run in executors.pending_runs(grid)} == {queued.label, failed.label, resumable.label}
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert sweep.run_status(grid, running)[0] == "failed"  # its process is gone, without a checkpoint
+    assert executors.run_status(grid, running)[0] == "failed"  # its process is gone, without a checkpoint
 
 
 def test_a_failed_run_makes_the_sweep_exit_1_and_names_it(tiny_suite, tmp_path):
@@ -130,13 +130,13 @@ def test_a_failed_run_makes_the_sweep_exit_1_and_names_it(tiny_suite, tmp_path):
     suite["model"] = str(model)
     tiny_suite.write_text(yaml.safe_dump(suite))
     path = write_grid(tmp_path, tiny_suite)
-    from cpt_bench import sweep
+    from cpt_bench import executors, sweep
 
     grid = sweep.load_grid(path)
     shutil.rmtree(model)
-    failed = sweep.run_local(grid, 1, lambda line: None)
+    failed = executors.executor_named("local").execute(grid, executors.pending_runs(grid), 1, lambda line: None)
     assert [run.label for run in failed] == [grid.runs[0].label]
-    state, detail = sweep.run_status(grid, grid.runs[0])
+    state, detail = executors.run_status(grid, grid.runs[0])
     assert state == "failed" and detail.startswith("error: "), detail
 
 
@@ -163,7 +163,7 @@ def test_bad_grid_files_are_one_line_errors_before_anything_runs(edit, fragments
 
 
 def test_slurm_without_submitit_or_sbatch_is_a_one_line_error(tiny_suite, tmp_path, monkeypatch):
-    from cpt_bench import sweep_slurm
+    from cpt_bench.executors import slurm as sweep_slurm
 
     path = write_grid(tmp_path, tiny_suite)
     monkeypatch.setattr(sweep_slurm, "submitit", None)
@@ -202,7 +202,7 @@ def test_a_run_started_by_hand_is_seen_running_and_not_started_twice(tiny_suite,
     """`cpt-bench run` claims its work directory (owner.json: host, pid); a sweep leaves such a run alone."""
     import socket
 
-    from cpt_bench import sweep
+    from cpt_bench import executors, sweep
 
     grid = sweep.load_grid(write_grid(tmp_path, tiny_suite))
     (run,) = grid.runs
@@ -211,12 +211,12 @@ def test_a_run_started_by_hand_is_seen_running_and_not_started_twice(tiny_suite,
         work = grid.output / ".work" / run.key
         work.mkdir(parents=True)
         (work / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
-        assert sweep.run_status(grid, run)[0] == "running"
-        assert sweep.pending_runs(grid) == []
+        assert executors.run_status(grid, run)[0] == "running"
+        assert executors.pending_runs(grid) == []
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert sweep.pending_runs(grid) == [run]  # its process gone: the next sweep takes it
+    assert executors.pending_runs(grid) == [run]  # its process gone: the next sweep takes it
 
 
 def test_a_run_claims_its_work_directory_while_it_runs(tiny_suite, tmp_path, monkeypatch):
@@ -236,3 +236,64 @@ def test_a_run_claims_its_work_directory_while_it_runs(tiny_suite, tmp_path, mon
                      "--quiet")
     assert result.exit_code == 0, result.output
     assert seen and all(owner["pid"] == os.getpid() for owner in seen)
+
+
+def test_a_changed_planning_step_moves_the_sweeps_predicted_file_with_the_runs(tiny_suite, tmp_path, monkeypatch):
+    """The sweep predicts each result file with the run's own identity function over the run's own plan: a
+    planning step that changes the configuration (here: one more setting applied to every run) moves both."""
+    import cpt_bench.plan as planning
+    from cpt_bench.settings import override
+    from cpt_bench.sweep import load_grid
+
+    path = write_grid(tmp_path, tiny_suite, steps=2, eval="final")
+    (before,) = load_grid(path).runs
+    original = planning.apply_request_settings
+
+    def with_a_new_step(plan):
+        keys = original(plan)
+        plan.dap = override(plan.dap, "warmup", "0.25", "dap")  # a step planning gained
+        return keys
+
+    monkeypatch.setattr(planning, "apply_request_settings", with_a_new_step)
+    (after,) = load_grid(path).runs
+    assert after.result != before.result  # the configuration changed, so did the file's hash
+    out = run_cli("run", *after.command[after.command.index("run") + 1:])
+    assert out.exit_code == 0, out.output
+    assert [p.name for p in (tmp_path / "runs").glob("*.json")] == [after.result.name]
+    written = json.loads(after.result.read_text())
+    assert written["settings"]["dap"]["warmup"] == 0.25
+    assert written["provenance"]["config_hash"] == after.result.stem.rsplit("__", 1)[-1]
+
+
+def test_an_executor_is_one_class_that_the_sweep_finds_by_name(tiny_suite, tmp_path):
+    """An `Executor` subclass is in the table as soon as it exists (a file in cpt_bench/executors/ is imported
+    by the table): `--executor NAME` gives it the pending runs, and the run states it reports are the status."""
+    from cpt_bench import executors
+
+    given = []
+
+    class Recording(executors.Executor):
+        name = "recording"
+
+        def execute(self, grid, todo, max_parallel, echo, wait=True):
+            given.extend(todo)
+            for run in todo:
+                sweep_state.write_state(grid, run, state="submitted", executor=self.name, job="j1")
+            return None if not wait else list(todo)
+
+        def job_state(self, state):
+            return ("queued", f"recorded job {state['job']}") if state.get("job") else None
+
+    from cpt_bench import sweep as sweep_state
+
+    executors.registered_executors.cache_clear()
+    try:
+        path = write_grid(tmp_path, tiny_suite, seeds=[0, 1])
+        assert run_cli("sweep", str(path), "--executor", "recording", "--no-wait").exit_code == 0
+        assert [run.seed for run in given] == [0, 1]
+        status = run_cli("sweep", "status", str(path))
+        assert status.output.count("recorded job j1") == 2, status.output
+        assert executors.pending_runs(sweep_state.load_grid(path)) == []  # held by a live job: not started twice
+    finally:
+        Recording.name = ""  # out of the table again
+        executors.registered_executors.cache_clear()

@@ -6,22 +6,24 @@ per column, and a paired sign-flip test against `naive` over matched (order, see
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cpt_bench.metrics as metric_table
 from cpt_bench.errors import BadInput
-from cpt_bench.results import (
-    SCHEMA,
-    checked_result,
-    configuration_settings,
-    final_scores,
-    is_result,
-    method_configuration,
+from cpt_bench.metrics import (  # noqa: F401 - the per-run values, re-exported for scripts that import them here
+    KNOWLEDGE_TRANSFER_KEY,
+    compute_tflops,
+    domain_finals,
+    general_retention,
+    knowledge_transfer,
+    perplexity_forgetting,
+    wall_seconds,
 )
+from cpt_bench.results import SCHEMA, checked_result, configuration_settings, is_result, method_configuration
 from cpt_bench.stats import SIGNIFICANCE_LEVEL, PairedComparison, Summary, sign_flip_test, summarise_values
 
 REFERENCE_METHOD = "naive"  # significance markers compare every method with naive continual DAP
@@ -107,65 +109,7 @@ def without_duplicate_runs(results: list[dict[str, Any]], files: list[Path]) -> 
     return [result for result, _ in kept.values()]
 
 
-# ---------------------------------------------------------------- per-run values
-
-
-def general_retention(result: dict[str, Any]) -> float | None:
-    """Probe score after the last stage minus before any DAP (negative = general knowledge lost)."""
-    probe = result.get("probes", {}).get("general")
-    if not probe or not probe.get("stages"):
-        return None
-    return probe["stages"][-1] - probe["base"]
-
-
-def wall_seconds(result: dict[str, Any]) -> float | None:
-    """Wall time of the run (training, fine-tuning, evaluation), from the result file."""
-    if "wall_seconds" in result:
-        return result["wall_seconds"]
-    provenance = result.get("provenance", {})
-    try:
-        started = datetime.datetime.fromisoformat(provenance["started"])
-        finished = datetime.datetime.fromisoformat(provenance["finished"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (finished - started).total_seconds()
-
-
-def domain_finals(result: dict[str, Any], metric: str = "macro_f1") -> dict[str, float | None]:
-    """Each domain's final end-task score (its latest evaluated row), by domain name."""
-    matrix = result.get("matrix", {}).get(metric)
-    if not matrix:
-        return {}
-    return dict(zip(result["domains"], final_scores(matrix)))
-
-
-def perplexity_forgetting(result: dict[str, Any]) -> float | None:
-    """Mean over j < T-1 of P[T-1][j] - P[j][j]: how much a domain's held-out MLM perplexity rose after it was
-    learned (positive = forgetting). Needs a continual square run (stage i = domain i); like the end-task
-    forgetting, it is undefined (None) for a run whose forgetting is null, such as `one`."""
-    if (result.get("metrics") or {}).get("forgetting_macro_f1") is None:
-        return None
-    block = result.get("perplexity") or {}
-    stages, corpora, domains = block.get("stages") or [], block.get("corpora") or [], result["domains"]
-    if len(stages) != len(domains) or len(domains) < 2 or result.get("matrix_rows", domains) != domains:
-        return None
-    columns = {c: i for i, c in enumerate(corpora)}
-    if not all(d in columns for d in domains[:-1]):
-        return None
-    rises = [stages[-1][columns[d]] - stages[j][columns[d]] for j, d in enumerate(domains[:-1])]
-    return sum(rises) / len(rises)
-
-
-def knowledge_transfer(result: dict[str, Any], one_runs: dict[tuple, dict[str, Any]]) -> float | None:
-    """Mean over j of A[T-1][j] - ONE[j][j]: the continual model against one model per domain, when a `one`
-    run of the same suite, model, seed and domains exists."""
-    one = one_runs.get((result["suite"], result["model"], result["seed"], tuple(sorted(result["domains"]))))
-    if one is None or result["method"] == "one":
-        return None
-    mine, theirs = domain_finals(result), domain_finals(one)
-    differences = [mine[d] - theirs[d] for d in result["domains"]
-                   if mine.get(d) is not None and theirs.get(d) is not None]
-    return sum(differences) / len(differences) if len(differences) == len(result["domains"]) else None
+# ---------------------------------------------------------------- columns
 
 
 @dataclasses.dataclass
@@ -176,35 +120,14 @@ class Column:
     digits: int = 3
 
 
-def _metric(key: str) -> Callable[[dict[str, Any]], float | None]:
-    return lambda r: r.get("metrics", {}).get(key)
+def summary_columns() -> list[Column]:
+    """The report's metric columns: the run-metric table's (cpt_bench/metrics), in its order."""
+    return [Column(m.label, m.value, m.higher_is_better, m.digits) for m in metric_table.RUN_METRICS if m.in_report]
 
 
-def _overhead(result: dict[str, Any]) -> float | None:
-    overhead = result.get("overhead")
-    return sum(overhead.values()) / 1e6 if overhead else None
-
-
-def compute_tflops(result: dict[str, Any]) -> float | None:
-    """The run's approximate DAP FLOPs, every extra pass included (cpt_bench/compute.py), in 10^12."""
-    flops = (result.get("compute") or {}).get("flops")
-    return None if flops is None else flops / 1e12
-
-
-SUMMARY_COLUMNS = [
-    Column("final MF1", _metric("final_macro_f1")),
-    Column("final Acc", _metric("final_accuracy")),
-    Column("forgetting MF1", _metric("forgetting_macro_f1"), higher_is_better=False),
-    Column("transfer MF1", _metric("transfer_macro_f1")),
-    Column("KT vs one", lambda r: r.get("_knowledge_transfer")),
-    Column("general Δ", general_retention),
-    Column("ppl forgetting", perplexity_forgetting, higher_is_better=False, digits=2),
-    Column("wall s", wall_seconds, higher_is_better=False, digits=0),
-    Column("overhead M", _overhead, higher_is_better=False, digits=2),
-    Column("TFLOPs", compute_tflops, higher_is_better=False, digits=1),
-]
-# columns tested against naive (True: higher is better); perplexity forgetting is the least noisy of them
-COMPARED = {"final MF1": True, "forgetting MF1": False, "ppl forgetting": False}
+def compared_columns() -> dict[str, bool]:
+    """Columns tested against naive, by label (True: higher is better)."""
+    return {m.label: bool(m.higher_is_better) for m in metric_table.RUN_METRICS if m.in_report and m.versus_naive}
 
 
 # ---------------------------------------------------------------- grouping
@@ -273,7 +196,7 @@ def group_runs(results: list[dict[str, Any]], by_order: bool = False) -> list[Gr
     one_runs = {(r["suite"], r["model"], r["seed"], tuple(sorted(r["domains"]))): r
                 for r in results if r["method"] == "one" and not config_label(results, r)}
     for r in results:
-        r["_knowledge_transfer"] = knowledge_transfer(r, one_runs)
+        r[KNOWLEDGE_TRANSFER_KEY] = knowledge_transfer(r, one_runs)
     buckets: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
         order = ",".join(map(str, r["domains"])) if by_order else ""
@@ -283,7 +206,7 @@ def group_runs(results: list[dict[str, Any]], by_order: bool = False) -> list[Gr
         orders = sorted({",".join(map(str, r["domains"])) for r in runs})
         group = Group(suite, model, method, config, orders[0] if len(orders) == 1 else f"{len(orders)} orders",
                       runs)
-        columns = SUMMARY_COLUMNS + [Column(d, lambda r, d=d: domain_finals(r).get(d)) for d in domain_names([group])]
+        columns = summary_columns() + [Column(d, lambda r, d=d: domain_finals(r).get(d)) for d in domain_names([group])]
         group.values = {c.label: summarise_values([c.value(r) for r in runs]) for c in columns}
         groups.append(group)
     _compare_with_naive(groups)
@@ -309,8 +232,9 @@ def _compare_with_naive(groups: list[Group]) -> None:
         if reference is None:
             continue
         theirs = {(tuple(r["domains"]), r["seed"]): r for r in reference.runs}
-        for label in COMPARED:
-            column = next(c for c in SUMMARY_COLUMNS if c.label == label)
+        columns = {c.label: c for c in summary_columns()}
+        for label in compared_columns():
+            column = columns[label]
             differences = []
             for r in group.runs:
                 other = theirs.get((tuple(r["domains"]), r["seed"]))
@@ -329,7 +253,7 @@ def marker(group: Group, label: str) -> str:
     comparison = group.versus_naive.get(label)
     if comparison is None or not comparison.significant:
         return ""
-    better = (comparison.mean_difference > 0) == COMPARED[label]
+    better = (comparison.mean_difference > 0) == compared_columns()[label]
     return " ▲" if better else " ▼"
 
 
@@ -377,9 +301,10 @@ def build_table(groups: list[Group]) -> Table:
         identity.insert(1, "config")
     if len({g.model for g in groups}) > 1:
         identity.insert(3, "model")
-    columns = [Column(d, lambda r: None) for d in domains if len(domains) > 1] + SUMMARY_COLUMNS
+    compared = compared_columns()
+    columns = [Column(d, lambda r: None) for d in domains if len(domains) > 1] + summary_columns()
     shown = [c for c in columns if any(g.values.get(c.label, Summary(None, None, None, None, 0)).mean is not None
-                                       for g in groups) or c.label in COMPARED or c.label in
+                                       for g in groups) or c.label in compared or c.label in
              ("final MF1", "final Acc", "transfer MF1", "general Δ")]
     best = {c.label: best_groups(groups, c) for c in shown}
     header = identity + [c.label for c in shown]
@@ -390,7 +315,7 @@ def build_table(groups: list[Group]) -> Table:
         flags = [False] * len(identity)
         for c in shown:
             summary = g.values.get(c.label, Summary(None, None, None, None, 0))
-            cells.append(format_cell(summary, c.digits) + (marker(g, c.label) if c.label in COMPARED else ""))
+            cells.append(format_cell(summary, c.digits) + (marker(g, c.label) if c.label in compared else ""))
             flags.append(g.key in best[c.label])
         rows.append(cells)
         bold.append(flags)
@@ -411,10 +336,10 @@ COMPARISON_HEADER = ["method", "config", "order", "column", "Δ vs naive", "95% 
 
 def comparison_rows(groups: list[Group]) -> list[list[str]]:
     """One row per (row of the table, compared column): the paired comparison with naive, as text."""
-    rows = []
+    rows, digits_of = [], {col.label: col.digits for col in summary_columns()}
     for g in groups:
         for label, c in g.versus_naive.items():
-            digits = next(col.digits for col in SUMMARY_COLUMNS if col.label == label)
+            digits = digits_of[label]
             interval = "—" if c.ci_low is None else f"[{c.ci_low:+.{digits}f}, {c.ci_high:+.{digits}f}]"
             rows.append([g.method, g.config, g.order, label, f"{c.mean_difference:+.{digits}f}", interval,
                          f"{c.p:.3g}" + ("" if c.exact else " (sampled)"), str(c.pairs)])
