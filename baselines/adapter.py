@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cpt_bench.adapters import DomainAdapters
-from cpt_bench.errors import BadInput
-from cpt_bench.plugin import MethodSettings, register
-from cpt_bench.units import UnitMap, projection_features
+from cpt_bench.common.errors import BadInput
+from cpt_bench.models.units import UnitMap, projection_features
+from cpt_bench.training.adapters import DomainAdapters
+from cpt_bench.training.plugin import MethodSettings, register
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 PLACEMENTS = {"both": ("attention_out", "output_dense"), "ffn": ("output_dense",),

@@ -1,6 +1,6 @@
 """Base: the original LM with no DAP at all; end tasks fine-tuned from it (the matrix's `base` row)."""
 
-from cpt_bench.plugin import Method, register
+from cpt_bench.training.plugin import Method, register
 
 
 @register

@@ -30,13 +30,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cpt_bench.batches import masked_sample
-from cpt_bench.errors import BadInput
-from cpt_bench.models import encoder, is_causal_lm, mlm_head, mlm_loss
-from cpt_bench.plugin import Method, MethodSettings, register
-from cpt_bench.rng import derive_seed
-from cpt_bench.stage import SequenceState
-from cpt_bench.units import UnitMap, projection_features
+from cpt_bench.common.errors import BadInput
+from cpt_bench.common.rng import derive_seed
+from cpt_bench.data.batches import masked_sample
+from cpt_bench.models.loading import encoder, is_causal_lm, mlm_head, mlm_loss
+from cpt_bench.models.units import UnitMap, projection_features
+from cpt_bench.training.plugin import Method, MethodSettings, register
+from cpt_bench.training.stage import SequenceState
 
 ORIGINAL = "original"
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpt_bench.errors import BadInput
-from cpt_bench.models import head_outputs, masked_logits
-from cpt_bench.plugin import Method, MethodSettings, register
-from cpt_bench.stage import SequenceState
+from cpt_bench.common.errors import BadInput
+from cpt_bench.models.loading import head_outputs, masked_logits
+from cpt_bench.training.plugin import Method, MethodSettings, register
+from cpt_bench.training.stage import SequenceState
 
 
 @dataclasses.dataclass

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cpt_bench.batches import endless, masked_loader, process_share
-from cpt_bench.errors import BadInput
-from cpt_bench.models import mlm_loss
-from cpt_bench.plugin import Method, MethodSettings, register
+from cpt_bench.common.errors import BadInput
+from cpt_bench.data.batches import endless, masked_loader, process_share
+from cpt_bench.models.loading import mlm_loss
+from cpt_bench.training.plugin import Method, MethodSettings, register
 
 
 @dataclasses.dataclass

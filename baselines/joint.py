@@ -4,8 +4,8 @@ Trains T x (steps per domain) steps on the mixed corpora, so its token budget eq
 Its matrix has one row (after the joint stage); forgetting and transfer are undefined (null).
 """
 
-from cpt_bench.plugin import Method, register
-from cpt_bench.stage import Stage
+from cpt_bench.training.plugin import Method, register
+from cpt_bench.training.stage import Stage
 
 
 @register

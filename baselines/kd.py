@@ -15,9 +15,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from cpt_bench.errors import BadInput
-from cpt_bench.models import head_outputs, masked_logits
-from cpt_bench.plugin import Method, MethodSettings, register
+from cpt_bench.common.errors import BadInput
+from cpt_bench.models.loading import head_outputs, masked_logits
+from cpt_bench.training.plugin import Method, MethodSettings, register
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """LoRA, one adapter per domain, on a frozen backbone (Hu et al., ICLR 2022, "LoRA: Low-Rank Adaptation of
 Large Language Models"): the low-rank counterpart of the bottleneck-adapter baseline (same protocol,
-`cpt_bench/adapters.py`).
+`cpt_bench/training/adapters.py`).
 
 A target projection W becomes W + (alpha / r) B A with A: r x d_in, B: d_out x r and B = 0 at the start
 (Sec. 4.1); by default on the attention query and value projections of every layer (Sec. 7.1). Each domain
@@ -17,12 +17,12 @@ import warnings
 import torch
 from torch import nn
 
-from cpt_bench.adapters import DomainAdapters
-from cpt_bench.errors import BadInput
-from cpt_bench.plugin import MethodSettings, register
-from cpt_bench.units import UnitMap
+from cpt_bench.common.errors import BadInput
+from cpt_bench.models.units import UnitMap
+from cpt_bench.training.adapters import DomainAdapters
+from cpt_bench.training.plugin import MethodSettings, register
 
-# target names are the unit map's (cpt_bench/units.py); "ffn" = both FFN projections
+# target names are the unit map's (cpt_bench/models/units.py); "ffn" = both FFN projections
 TARGETS = ("query", "key", "value", "attention_out", "intermediate_dense", "output_dense")
 TARGET_GROUPS = {"ffn": ("intermediate_dense", "output_dense")}
 

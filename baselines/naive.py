@@ -3,7 +3,7 @@
 The lower bound every continual method must beat on forgetting (Ke et al. 2023, Sec. 4, "NCL").
 """
 
-from cpt_bench.plugin import Method, register
+from cpt_bench.training.plugin import Method, register
 
 
 @register

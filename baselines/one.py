@@ -6,7 +6,7 @@ The non-continual reference: no forgetting and no transfer by construction; its 
 
 import torch
 
-from cpt_bench.plugin import Method, register
+from cpt_bench.training.plugin import Method, register
 
 
 @register

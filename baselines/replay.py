@@ -11,9 +11,9 @@ from typing import Literal
 
 import torch
 
-from cpt_bench.batches import MaskingCollator
-from cpt_bench.errors import BadInput
-from cpt_bench.plugin import Method, MethodSettings, register
+from cpt_bench.common.errors import BadInput
+from cpt_bench.data.batches import MaskingCollator
+from cpt_bench.training.plugin import Method, MethodSettings, register
 
 
 @dataclasses.dataclass

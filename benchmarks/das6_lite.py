@@ -21,13 +21,13 @@ import platform
 import statistics
 from pathlib import Path
 
-from cpt_bench.data import read_end_task
-from cpt_bench.evaluator import score
-from cpt_bench.plugin import METHODS, load_plugins
+from cpt_bench.data.suite import load_suite
+from cpt_bench.data.texts import read_end_task
+from cpt_bench.evaluation.evaluator import score
+from cpt_bench.report.stats import summarise_values
 from cpt_bench.report.table import perplexity_forgetting
-from cpt_bench.results import method_configuration
-from cpt_bench.stats import summarise_values
-from cpt_bench.suite import load_suite
+from cpt_bench.running.results import method_configuration
+from cpt_bench.training.plugin import METHODS, load_plugins
 
 SUITE = "das6-lite"
 

@@ -7,7 +7,7 @@ leaderboard's, `results/leaderboard/runs`, or a development folder) and writes t
     python benchmarks/default_suite_effects.py RUNS_DIR --time-naive   # also times default naive runs
 
 Every effect is computed per matched run (order, seed) and summarised over the runs; "the suite ranks" uses the
-exact sign-flip test of `cpt_bench.stats` on runs matched by (order, seed), like `cpt-bench report`.
+exact sign-flip test of `cpt_bench.report.stats` on runs matched by (order, seed), like `cpt-bench report`.
 `--time-naive` times `cpt-bench run --method naive` (defaults, base model cached) for each seed as a user
 runs it, one at a time, and the base model build of a fresh suite seed (`--build-seed`, default 999, a seed no
 development looked at).
@@ -27,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpt_bench.report.stats import sign_flip_test
 from cpt_bench.report.table import general_retention, perplexity_forgetting
-from cpt_bench.stats import sign_flip_test
 
 BASELINES = {"one", "joint", "base"}  # not methods to rank
 CHANCE = 1.0 / 3  # three balanced classes
@@ -46,8 +46,8 @@ def load(runs: Path, seeds: set[int]) -> dict[str, dict[tuple, dict]]:
 
 def _is_default_configuration(result: dict) -> bool:
     """The method's default settings (an ablation or a sweep point is another configuration)."""
-    from cpt_bench.plugin import METHODS, load_plugins
-    from cpt_bench.results import method_configuration
+    from cpt_bench.running.results import method_configuration
+    from cpt_bench.training.plugin import METHODS, load_plugins
 
     load_plugins()
     cls = METHODS.get(result["method"])
@@ -142,8 +142,9 @@ def timings(seeds: set[int], build_seed: int) -> list[tuple[str, str, str, str, 
     with tempfile.TemporaryDirectory() as scratch:
         seconds = [timed([*cli, "run", "--method", "naive", "--seed", str(s), "--output", scratch, "--quiet"])
                    for s in sorted(seeds)]
-    build = timed([sys.executable, "-c", "from cpt_bench.suite import load_suite; from cpt_bench.synthetic "
-                   "import materialise, build_base_model; build_base_model(materialise(load_suite("
+    build = timed([sys.executable, "-c", "from cpt_bench.data.suite import load_suite; "
+                   "from cpt_bench.running.synthetic import materialise, build_base_model; "
+                   "build_base_model(materialise(load_suite("
                    f"'synthetic').generator, {build_seed}))"])
     return [("fast", "`cpt-bench run --method naive` (defaults, base model cached)",
              f"{statistics.mean(seconds):.0f} s (runs: {', '.join(f'{s:.0f}' for s in seconds)})", "≤ 180 s",

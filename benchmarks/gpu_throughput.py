@@ -36,7 +36,7 @@ def build_model(folder: Path, tiny: bool) -> dict[str, int]:
     import torch
     from transformers import RobertaConfig, RobertaForMaskedLM
 
-    from cpt_bench.synthetic import build_tokenizer
+    from cpt_bench.running.synthetic import build_tokenizer
 
     words = [f"w{i}" for i in range(5000)]
     tokenizer = build_tokenizer(words, 514)
@@ -132,7 +132,7 @@ def main() -> None:
                         help="instead of timing: profile these kinds (default naive, softmask) with torch.profiler")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from cpt_bench.bench import BenchRequest, profile_report, run_bench, table
+    from cpt_bench.running.bench import BenchRequest, profile_report, run_bench, table
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -5,7 +5,7 @@
 `cpt-bench report` compares every row with naive; the question of the importance controls is whether they
 differ from the default (the paper's |tanh| importance on the units it scores). This matches every control
 run with the default softmask run of the same (order, seed) and applies the same exact sign-flip test
-(`cpt_bench.stats`) to final macro-F1, forgetting macro-F1 and perplexity forgetting.
+(`cpt_bench.report.stats`) to final macro-F1, forgetting macro-F1 and perplexity forgetting.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from cpt_bench.plugin import method_class
+from cpt_bench.report.stats import sign_flip_test
 from cpt_bench.report.table import perplexity_forgetting
-from cpt_bench.results import method_configuration
-from cpt_bench.stats import sign_flip_test
+from cpt_bench.running.results import method_configuration
+from cpt_bench.training.plugin import method_class
 
 COLUMNS = {"final MF1": lambda r: r["metrics"]["final_macro_f1"],
            "forgetting MF1": lambda r: r["metrics"]["forgetting_macro_f1"],

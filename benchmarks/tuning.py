@@ -60,8 +60,8 @@ def main() -> None:
         raise SystemExit(f"{path}: tuning seeds {spec['seeds']} must be disjoint from the reported "
                          f"{sorted(REPORTED_SEEDS)}")
     run_grid(path, args.max_parallel)
-    from cpt_bench.plugin import method_class
-    from cpt_bench.sweep import load_grid
+    from cpt_bench.sweeps.grid import load_grid
+    from cpt_bench.training.plugin import method_class
 
     def table() -> list[tuple[str, float, list[float], float, float]]:
         import json

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cpt_bench.errors import BadInput, TrainingFailed
+from cpt_bench.common.errors import BadInput, TrainingFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark continual pre-training (domain-adaptive, masked or causal LM) of language models.")
@@ -43,7 +43,7 @@ def exits_2_on_bad_input(fn):
 def list_command(what: Annotated[str, typer.Argument(help="methods or suites")]) -> None:
     """List registered methods or suites, one line each."""
     if what == "methods":
-        from cpt_bench.plugin import BROKEN_PLUGINS, registered_methods
+        from cpt_bench.training.plugin import BROKEN_PLUGINS, registered_methods
 
         for name, cls in sorted(registered_methods().items()):
             alias = f" (alias: {', '.join(cls.aliases)})" if cls.aliases else ""
@@ -51,7 +51,7 @@ def list_command(what: Annotated[str, typer.Argument(help="methods or suites")])
         for module, why in sorted(BROKEN_PLUGINS.items()):
             typer.echo(f"warning: plugin {module} failed to load: {why}", err=True)
     elif what == "suites":
-        from cpt_bench.suite import registered_suite_files, suite_summary
+        from cpt_bench.data.suite import registered_suite_files, suite_summary
 
         for name in sorted(registered_suite_files()):
             typer.echo(f"{name:<12} {suite_summary(name)}")
@@ -89,11 +89,11 @@ def run(
 
     An interrupted run (crash, SIGKILL, SIGINT/SIGTERM) continues from its last checkpoint when the same
     command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
-    from cpt_bench.atomic import check_writable_folder
-    from cpt_bench.checkpoint import StopRequested, StopSignal
-    from cpt_bench.plan import RunRequest, check_distributed, make_accelerator, plans_by_seed
-    from cpt_bench.runner import execute
-    from cpt_bench.suite import DEFAULT_SUITE
+    from cpt_bench.common.atomic import check_writable_folder
+    from cpt_bench.data.suite import DEFAULT_SUITE
+    from cpt_bench.running.plan import RunRequest, check_distributed, make_accelerator, plans_by_seed
+    from cpt_bench.running.runner import execute
+    from cpt_bench.training.checkpoint import StopRequested, StopSignal
 
     _quiet_libraries()
     request = RunRequest(
@@ -146,7 +146,7 @@ def report(
     plots: Annotated[str | None, typer.Option(help="also write PNG plots into this folder")] = None,
 ) -> None:
     """Aggregate result files: one row per method and configuration, mean ± std over seeds and orders."""
-    from cpt_bench.atomic import check_writable_file, check_writable_folder, write_text_atomic
+    from cpt_bench.common.atomic import check_writable_file, check_writable_folder, write_text_atomic
     from cpt_bench.report.formats import report as make_report
 
     if output:
@@ -171,7 +171,7 @@ def check(
     "results/reference",
 ) -> None:
     """Regression gate: exit 1 naming every (method, metric) worse than the reference beyond its tolerance."""
-    from cpt_bench.check import check as run_check
+    from cpt_bench.report.check import check as run_check
 
     findings, notes = run_check(paths, reference)
     for note in notes:
@@ -208,9 +208,9 @@ def bench(
     ] = False,
 ) -> None:
     """Side-by-side step speed: transformers.Trainer vs our naive step vs softmask; peak memory; importance."""
-    from cpt_bench.atomic import write_json_atomic
-    from cpt_bench.bench import BenchRequest, plan_for, profile_report, run_bench, table
-    from cpt_bench.suite import DEFAULT_SUITE
+    from cpt_bench.common.atomic import write_json_atomic
+    from cpt_bench.data.suite import DEFAULT_SUITE
+    from cpt_bench.running.bench import BenchRequest, plan_for, profile_report, run_bench, table
 
     _quiet_libraries()
     if steps < 2 or repeats < 1:
@@ -222,7 +222,7 @@ def bench(
                            seq_len=seq_len, steps=steps, repeats=repeats, device=device, sets=list(set_ or []),
                            variants=list(variant or []))
     if json_file:
-        from cpt_bench.atomic import check_writable_file
+        from cpt_bench.common.atomic import check_writable_file
 
         check_writable_file(Path(json_file), "--json")
     for kind in request.kinds:  # bad input (suite, model, sizes, settings) fails here, in one line, before any process
@@ -248,10 +248,10 @@ def audit(
 ) -> None:
     """Contamination audit: for every (DAP corpus, end-task split) pair, the texts that share a 13-gram with the
     corpus and the exact duplicates."""
-    from cpt_bench.atomic import check_writable_file, write_text_atomic
-    from cpt_bench.audit import table, warnings
-    from cpt_bench.plan import RunRequest, plan_data
-    from cpt_bench.suite import DEFAULT_SUITE
+    from cpt_bench.common.atomic import check_writable_file, write_text_atomic
+    from cpt_bench.data.audit import table, warnings
+    from cpt_bench.data.suite import DEFAULT_SUITE
+    from cpt_bench.running.plan import RunRequest, plan_data
 
     _quiet_libraries()
     if output:
@@ -275,8 +275,8 @@ def importance(
     output: Annotated[str | None, typer.Option(help="PNG path (default: <result stem>.importance.png)")] = None,
 ) -> None:
     """Per-layer summary of a soft-masking run's unit importances, and a heatmap PNG."""
-    from cpt_bench.atomic import check_writable_file
-    from cpt_bench.importance import default_png_path, load_importances, summary_text, write_png
+    from cpt_bench.common.atomic import check_writable_file
+    from cpt_bench.report.importance import default_png_path, load_importances, summary_text, write_png
 
     png = Path(output) if output else default_png_path(Path(result))
     check_writable_file(png, "--output")
@@ -293,7 +293,7 @@ def sweep(
     status_of: Annotated[str | None, typer.Argument(metavar="[GRID.yaml]", help="with `status`: the grid file",
                                                     show_default=False)] = None,
     executor: Annotated[str, typer.Option(help="local (worker processes here) or slurm (a job array); "
-                                               "cpt_bench/executors")] = "local",
+                                               "cpt_bench/sweeps/executors")] = "local",
     max_parallel: Annotated[int, typer.Option(help="runs at once (local: each gets floor(cores / N) threads; "
                                                    "slurm: the array's parallelism)")] = 2,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan: every run, its state and command")
@@ -305,8 +305,8 @@ def sweep(
     interrupted ones; `cpt-bench sweep status GRID.yaml` prints the state of every run."""
     import shlex
 
-    from cpt_bench.executors import executor_named, pending_runs, run_status, status_table
-    from cpt_bench.sweep import load_grid, write_report
+    from cpt_bench.sweeps.executors import executor_named, pending_runs, run_status, status_table
+    from cpt_bench.sweeps.grid import load_grid, write_report
 
     if grid_file == "status":
         if status_of is None:
@@ -320,7 +320,7 @@ def sweep(
         raise BadInput(f"--max-parallel must be at least 1, got {max_parallel}")
     grid = load_grid(grid_file)  # every run checked before anything starts
     if not dry_run:
-        from cpt_bench.atomic import check_writable_folder
+        from cpt_bench.common.atomic import check_writable_folder
 
         check_writable_folder(grid.output, f"{grid_file}: output")
     chosen.check()

@@ -25,12 +25,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from cpt_bench.batches import masked_loader, process_share
-from cpt_bench.errors import BadInput
-from cpt_bench.models import encoder, has_dropout, is_causal_lm, mlm_loss
-from cpt_bench.plugin import Method, MethodSettings, register
-from cpt_bench.stage import SequenceState
-from cpt_bench.units import UNIT_KINDS, UnitMap, accumulate, controlled, normalise
+from cpt_bench.common.errors import BadInput
+from cpt_bench.data.batches import masked_loader, process_share
+from cpt_bench.models.loading import encoder, has_dropout, is_causal_lm, mlm_loss
+from cpt_bench.models.units import UNIT_KINDS, UnitMap, accumulate, controlled, normalise
+from cpt_bench.training.plugin import Method, MethodSettings, register
+from cpt_bench.training.stage import SequenceState
 
 FORMULATION = {
     "update": "DAS with the soft-mask applied to the optimizer update, because a constant gradient scale cancels "
@@ -62,10 +62,10 @@ class SoftMaskSettings(MethodSettings):
     random_importance: bool = False  # ablation: importances shuffled within each layer (same distribution)
     importance_batches: int = 8  # batches of a domain's blocks used to compute an importance
     other_parameters: Literal["train", "freeze"] = "train"  # embeddings, LayerNorms, LM head (paper: train)
-    # how raw importance becomes [0, 1] (cpt_bench/units.py: normalise): the paper's |tanh|, or the controls
+    # how raw importance becomes [0, 1] (cpt_bench/models/units.py: normalise): the paper's |tanh|, or the controls
     normalise: Literal["tanh_abs", "tanh_pos", "budget"] = "tanh_abs"
     budget: float = 0.2  # normalise=budget: the fraction of each layer's units above 0.5, per stage
-    # a control of the mask (cpt_bench/units.py: controlled): none, uniform (each layer's mean), inverted order;
+    # a control of the mask (cpt_bench/models/units.py: controlled): none, uniform (each layer's mean), inverted order;
     # it changes what scales the updates, not the contrastive loss's gated view
     control: Literal["none", "uniform", "inverted"] = "none"
 

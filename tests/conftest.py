@@ -41,7 +41,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def tiny_model_dir(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertForMaskedLM
 
-    from cpt_bench.synthetic import build_tokenizer
+    from cpt_bench.running.synthetic import build_tokenizer
 
     vocabulary = sorted({w for pair in WORDS.values() for group in pair for w in group}
                         | set(FILLER) | set(WORDS))
@@ -65,7 +65,7 @@ def tiny_lm(tiny_model_dir, tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from cpt_bench.batches import MaskingCollator, mlm_blocks
+    from cpt_bench.data.batches import MaskingCollator, mlm_blocks
 
     monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -90,9 +90,9 @@ def stage_state(model, blocks=None, *, name: str = "cats", index: int = 0, token
     `name`, the masked-LM objective of `model`, no optimizer, a CPU accelerator unless one is given."""
     from accelerate import Accelerator
 
-    from cpt_bench.settings import DapSettings
-    from cpt_bench.stage import Stage, StageState
-    from cpt_bench.trainer import MaskedLMObjective
+    from cpt_bench.common.settings import DapSettings
+    from cpt_bench.training.stage import Stage, StageState
+    from cpt_bench.training.trainer import MaskedLMObjective
 
     return StageState(Stage(name, [name]), index, model, MaskedLMObjective(model), None,
                       accelerator or Accelerator(cpu=True), settings or DapSettings(batch_size=4, seq_len=16),

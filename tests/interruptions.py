@@ -31,7 +31,7 @@ def run_tiny(tiny_suite, out: Path, method: str, *extra: str):
 
 def crash_at_batch(monkeypatch, number: int) -> None:
     """Crash when the trainer draws DAP batch `number` (counted over the whole run, from 1)."""
-    from cpt_bench import trainer
+    from cpt_bench.training import trainer
 
     original, drawn = trainer.endless, [0]
 
@@ -47,7 +47,7 @@ def crash_at_batch(monkeypatch, number: int) -> None:
 
 def crash_at_finetune(monkeypatch, number: int) -> None:
     """Crash inside fine-tune number `number` of the run (base scores come from the cache)."""
-    from cpt_bench.evaluator import EndTaskEvaluator
+    from cpt_bench.evaluation.evaluator import EndTaskEvaluator
 
     original, calls = EndTaskEvaluator.evaluate, [0]
 

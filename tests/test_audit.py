@@ -1,4 +1,4 @@
-"""Contamination audit (cpt_bench/audit.py, `cpt-bench audit`, `--set data.decontaminate=true`): 13-gram overlap
+"""Contamination audit (cpt_bench/data/audit.py, `cpt-bench audit`, `--set data.decontaminate=true`): 13-gram overlap
 and exact duplicates between every DAP corpus and every end-task split."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cpt_bench.audit import audit, decontaminate
+from cpt_bench.data.audit import audit, decontaminate
 
 from conftest import assert_one_line_error, run_cli, write_jsonl
 
@@ -95,7 +95,7 @@ def test_an_unknown_data_setting_is_bad_input(tiny_suite, tmp_path):
 
 
 def test_the_audit_is_cached_per_content(tmp_path, monkeypatch):
-    from cpt_bench import audit as audit_module
+    from cpt_bench.data import audit as audit_module
 
     monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path))
     corpora, splits = {"food": [f"so {TEST_SENTENCE}"]}, {("food", "test"): [TEST_SENTENCE]}

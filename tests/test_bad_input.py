@@ -95,7 +95,7 @@ def test_bad_set_option(tiny_suite, tmp_path, option, fragment):
 
 def test_float_settings_accept_exponent_notation():
     """YAML 1.1 reads `1e-4` as a string; a float setting takes it as the number users mean."""
-    from cpt_bench.settings import DapSettings, build, override
+    from cpt_bench.common.settings import DapSettings, build, override
 
     assert override(DapSettings(), "lr", "1e-4", "dap").lr == 1e-4
     assert build(DapSettings, {"lr": "3E-5", "warmup": ".1"}, "suite dap").lr == 3e-5
@@ -127,8 +127,8 @@ def test_prompt_task_with_a_verbalizer_word_the_model_lacks(tiny_suite, tmp_path
 
 def test_a_broken_plugin_file_does_not_take_other_methods_down(tmp_path, monkeypatch):
     import cpt_bench.baselines
-    from cpt_bench import plugin
-    from cpt_bench.errors import BadInput
+    from cpt_bench.common.errors import BadInput
+    from cpt_bench.training import plugin
 
     (tmp_path / "halfwritten.py").write_text("import a_module_that_does_not_exist\n")
     monkeypatch.setattr(cpt_bench.baselines, "__path__", [*cpt_bench.baselines.__path__, str(tmp_path)])
@@ -180,8 +180,8 @@ def test_texts_longer_than_max_length_are_truncated_counted_and_reported(tiny_su
 def test_a_checkpoints_own_code_never_runs_without_the_flag(tiny_model_dir, tmp_path):
     import shutil
 
-    from cpt_bench.errors import BadInput
-    from cpt_bench.models import load_lm
+    from cpt_bench.common.errors import BadInput
+    from cpt_bench.models.loading import load_lm
 
     model_dir = tmp_path / "with-code"
     shutil.copytree(tiny_model_dir, model_dir)

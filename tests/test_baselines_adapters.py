@@ -11,16 +11,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cpt_bench.adapters import adapter_key
 from cpt_bench.baselines.adapter import AdaptedProjection
-from cpt_bench.batches import MaskingCollator, mlm_blocks
-from cpt_bench.data import EndTaskData, EndTaskSplit
-from cpt_bench.evaluator import EndTaskEvaluator
-from cpt_bench.models import mlm_head, mlm_loss
-from cpt_bench.plugin import method_class
-from cpt_bench.settings import DapSettings, FinetuneSettings
-from cpt_bench.stage import SequenceState, Stage
-from cpt_bench.trainer import DapTrainer
+from cpt_bench.common.settings import DapSettings, FinetuneSettings
+from cpt_bench.data.batches import MaskingCollator, mlm_blocks
+from cpt_bench.data.texts import EndTaskData, EndTaskSplit
+from cpt_bench.evaluation.evaluator import EndTaskEvaluator
+from cpt_bench.models.loading import mlm_head, mlm_loss
+from cpt_bench.training.adapters import adapter_key
+from cpt_bench.training.plugin import method_class
+from cpt_bench.training.stage import SequenceState, Stage
+from cpt_bench.training.trainer import DapTrainer
 
 from conftest import assert_one_line_error, run_cli, stage_state
 

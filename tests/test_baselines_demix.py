@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from cpt_bench.baselines.demix import expert_ffns, expert_parameters, routed, set_mixture
-from cpt_bench.batches import MaskingCollator
-from cpt_bench.plugin import method_class
-from cpt_bench.settings import DapSettings
-from cpt_bench.stage import SequenceState, Stage
-from cpt_bench.trainer import DapTrainer
+from cpt_bench.common.settings import DapSettings
+from cpt_bench.data.batches import MaskingCollator
+from cpt_bench.training.plugin import method_class
+from cpt_bench.training.stage import SequenceState, Stage
+from cpt_bench.training.trainer import DapTrainer
 
 from conftest import assert_one_line_error, run_cli, stage_state
 

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cpt_bench.plugin import method_class
-from cpt_bench.settings import DapSettings
-from cpt_bench.stage import SequenceState, Stage
-from cpt_bench.trainer import DapTrainer
+from cpt_bench.common.settings import DapSettings
+from cpt_bench.training.plugin import method_class
+from cpt_bench.training.stage import SequenceState, Stage
+from cpt_bench.training.trainer import DapTrainer
 
 from conftest import assert_one_line_error, run_cli, stage_state
 
@@ -102,7 +102,7 @@ def test_ewc_fisher_is_the_mean_squared_batch_gradient(tiny):
     from accelerate import Accelerator
 
     from cpt_bench.baselines.ewc import diagonal_fisher
-    from cpt_bench.models import mlm_loss
+    from cpt_bench.models.loading import mlm_loss
 
     model = tiny.model().train()
     batches = [tiny.batch(seed=1), tiny.batch(seed=2)]
@@ -253,7 +253,7 @@ def test_reservoir_sample_is_a_batch_with_its_stored_logits():
 
 
 def test_derpp_stores_the_logits_the_block_had_when_seen_and_matches_them(tiny):
-    from cpt_bench.models import masked_logits
+    from cpt_bench.models.loading import masked_logits
 
     model = tiny.model().eval()  # no dropout: the stored logits are reproducible
     method = _method("derpp", alpha=1.0, beta=0.0, buffer_size=16)

@@ -45,7 +45,7 @@ def test_bench_rejects_an_unknown_variant_before_measuring(tiny_suite):
 
 
 def test_bench_profile_reports_where_each_kinds_time_goes(tiny_suite, monkeypatch):
-    from cpt_bench import bench
+    from cpt_bench.running import bench
 
     # in this process rather than one per kind (the CLI's way): the same measurement, without the start-up cost
     monkeypatch.setattr(bench, "_measure_in_process", bench.measure)
@@ -67,7 +67,7 @@ def test_bench_times_the_importance_passes_themselves(tiny_suite, monkeypatch):
 
     import accelerate
 
-    from cpt_bench import bench
+    from cpt_bench.running import bench
 
     free_memory = accelerate.Accelerator.free_memory
 

@@ -72,7 +72,7 @@ def test_bad_tolerance_file(reference, tmp_path, content, fragment):
 
 def test_the_gate_covers_every_registered_method():
     """CI's regression gate runs results/reference/methods.txt: a method missing there would land unchecked."""
-    from cpt_bench.plugin import registered_methods
+    from cpt_bench.training.plugin import registered_methods
 
     listed = (Path(__file__).parent.parent / "results" / "reference" / "methods.txt").read_text().split()
     shipped = [name for name, cls in registered_methods().items()  # not a method a test registered

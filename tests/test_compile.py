@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from cpt_bench.plugin import Method
-from cpt_bench.settings import DapSettings
-from cpt_bench.stage import SequenceState, Stage
-from cpt_bench.trainer import DapTrainer
+from cpt_bench.common.settings import DapSettings
+from cpt_bench.training.plugin import Method
+from cpt_bench.training.stage import SequenceState, Stage
+from cpt_bench.training.trainer import DapTrainer
 
 TEXTS = [f"the cats was {a} and {b} ." for a in ("purr", "nap", "soft", "calm") for b in ("hiss", "bite")]
 

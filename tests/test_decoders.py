@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from cpt_bench.batches import MaskingCollator, causal_blocks
-from cpt_bench.errors import BadInput
-from cpt_bench.models import is_causal_lm, load_lm, mlm_loss
-from cpt_bench.results import validate_result
+from cpt_bench.common.errors import BadInput
+from cpt_bench.data.batches import MaskingCollator, causal_blocks
+from cpt_bench.models.loading import is_causal_lm, load_lm, mlm_loss
+from cpt_bench.running.results import validate_result
 
 from conftest import FILLER, WORDS, assert_one_line_error, run_cli
 
@@ -39,7 +39,7 @@ def decoder_dirs(tmp_path_factory):
     """family -> a folder with a tiny random decoder of that family and a word-level tokenizer with [EOS]."""
     from transformers import AutoModelForCausalLM
 
-    from cpt_bench.synthetic import build_tokenizer
+    from cpt_bench.running.synthetic import build_tokenizer
 
     vocabulary = sorted({w for pair in WORDS.values() for group in pair for w in group} | set(FILLER) | set(WORDS))
     tokenizer = build_tokenizer(vocabulary, 64, causal=True)
@@ -106,7 +106,7 @@ def test_the_shared_loss_is_the_models_own_next_token_loss_with_the_same_gradien
 def test_bits_per_byte_of_a_uniform_model_matches_a_hand_computation(decoder_dirs):
     from accelerate import Accelerator
 
-    from cpt_bench.perplexity import heldout_scores
+    from cpt_bench.evaluation.perplexity import heldout_scores
 
     model, tokenizer = load_lm(str(decoder_dirs["gpt2"]))
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_a_naive_run_on_a_decoder_writes_a_valid_result(tiny_suite, decoder_dirs
     assert all(math.isfinite(v) for v in run["metrics"].values() if v is not None)
 
 
-ALL_METHODS = sorted(__import__("cpt_bench.plugin", fromlist=["registered_methods"]).registered_methods())
+ALL_METHODS = sorted(__import__("cpt_bench.training.plugin", fromlist=["registered_methods"]).registered_methods())
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
@@ -201,7 +201,7 @@ def test_a_decoder_without_an_end_of_text_token_is_one_line(decoder_dirs, tmp_pa
 
 
 def _prompt_task(tokenizer, verbalizer):
-    from cpt_bench.data import EndTaskData, EndTaskSplit
+    from cpt_bench.data.texts import EndTaskData, EndTaskSplit
 
     split = EndTaskSplit(["the cats was", "a dogs is"], None, [1, 0], "fixture")
     return EndTaskData("fixture", ["neg", "pos"], split, split, None, "macro", {}, evaluator="prompt",
@@ -209,8 +209,8 @@ def _prompt_task(tokenizer, verbalizer):
 
 
 def test_prompt_scoring_ranks_a_constructed_example_and_sums_a_multi_token_word(decoder_dirs):
-    from cpt_bench.data import encode_split
-    from cpt_bench.evaluator import CausalPromptClassifier, verbalizer_continuations
+    from cpt_bench.data.texts import encode_split
+    from cpt_bench.evaluation.evaluator import CausalPromptClassifier, verbalizer_continuations
 
     model, tokenizer = load_lm(str(decoder_dirs["gpt2"]))
     model.eval()
@@ -287,7 +287,7 @@ def _decoder_batch(model_dir):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gates_at_one_leave_a_decoder_bitwise_unchanged(decoder_dirs, family):
-    from cpt_bench.units import UnitMap
+    from cpt_bench.models.units import UnitMap
 
     model, batch = _decoder_batch(decoder_dirs[family])
     units = UnitMap(model)
@@ -303,7 +303,7 @@ def test_gates_at_one_leave_a_decoder_bitwise_unchanged(decoder_dirs, family):
 def test_perturbing_a_units_owned_slices_changes_only_that_unit(decoder_dirs, family, kind):
     """Including grouped-query attention (llama: 4 query heads, 2 key/value heads) and SwiGLU: a key/value
     head's rows belong to its group, so no single query head owns them."""
-    from cpt_bench.units import UnitMap
+    from cpt_bench.models.units import UnitMap
 
     model, batch = _decoder_batch(decoder_dirs[family])
     units = UnitMap(model)
@@ -329,7 +329,7 @@ def test_perturbing_a_units_owned_slices_changes_only_that_unit(decoder_dirs, fa
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_zeroed_unit_has_zero_importance(decoder_dirs, family):
-    from cpt_bench.units import UNIT_KINDS, UnitMap
+    from cpt_bench.models.units import UNIT_KINDS, UnitMap
 
     model, batch = _decoder_batch(decoder_dirs[family])
     units = UnitMap(model)
@@ -353,9 +353,9 @@ def test_a_zeroed_unit_has_zero_importance(decoder_dirs, family):
 def test_the_general_proxy_is_not_zero_on_a_decoder_without_dropout(decoder_dirs):
     from accelerate import Accelerator
 
-    from cpt_bench.models import has_dropout
-    from cpt_bench.plugin import method_class
-    from cpt_bench.stage import SequenceState
+    from cpt_bench.models.loading import has_dropout
+    from cpt_bench.training.plugin import method_class
+    from cpt_bench.training.stage import SequenceState
 
     from conftest import stage_state
 
@@ -372,7 +372,7 @@ def test_the_general_proxy_is_not_zero_on_a_decoder_without_dropout(decoder_dirs
 def test_a_decoder_family_without_a_unit_map_is_one_line_for_the_methods_that_need_one(tiny_suite, tmp_path):
     from transformers import AutoModelForCausalLM, OPTConfig
 
-    from cpt_bench.synthetic import build_tokenizer
+    from cpt_bench.running.synthetic import build_tokenizer
 
     tokenizer = build_tokenizer(sorted(set(FILLER) | set(WORDS) | {w for p in WORDS.values() for g in p for w in g}),
                                 64, causal=True)

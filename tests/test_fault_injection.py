@@ -113,7 +113,8 @@ def test_a_crash_while_writing_resumes_to_the_same_result(where, tiny_suite, tmp
                                                           reference_runs):
     import safetensors.torch
 
-    from cpt_bench import checkpoint, runner
+    from cpt_bench.running import runner
+    from cpt_bench.training import checkpoint
 
     reference = reference_runs("naive")
     out = tmp_path / "crashed"

@@ -88,7 +88,7 @@ def test_summary_tables_and_png(tmp_path):
 
 
 def test_output_option_and_functions(tmp_path):
-    from cpt_bench.importance import accumulated_above, load_importances, stage_overlaps
+    from cpt_bench.report.importance import accumulated_above, load_importances, stage_overlaps
 
     path = _write_result(tmp_path / "runs")
     target = tmp_path / "figures" / "heads.png"

@@ -1,6 +1,7 @@
 """The shape of the code's imports: the core (cpt_bench/) has no import cycle, counting every import statement
-wherever it stands (a function-level import that hides a cycle is a cycle); plugins (methods/, baselines/)
-import only the core, never each other; the core never imports a plugin."""
+wherever it stands (a function-level import that hides a cycle is a cycle); its sub-packages are layers, and a
+lower one never imports a higher one (cpt_bench/__init__.py lists them); plugins (methods/, baselines/) import
+only the core, never each other; the core never imports a plugin."""
 
 from __future__ import annotations
 
@@ -80,15 +81,16 @@ def test_the_package_has_no_import_cycle():
 
 def test_the_cycle_check_finds_a_cycle_hidden_in_a_function():
     graph = import_graph()
-    graph["cpt_bench.errors"] = graph["cpt_bench.errors"] | {"cpt_bench.runner"}  # as a function-level import would
+    # as a function-level import would
+    graph["cpt_bench.common.errors"] = graph["cpt_bench.common.errors"] | {"cpt_bench.running.runner"}
     assert find_cycle(graph) is not None
 
 
 def test_imports_inside_functions_are_seen(tmp_path):
     module = tmp_path / "late.py"
-    module.write_text("def f():\n    from cpt_bench.runner import execute\n    return execute\n")
-    assert imported_modules("cpt_bench.late", module, {"cpt_bench", "cpt_bench.runner"}) == \
-        {"cpt_bench", "cpt_bench.runner"}
+    module.write_text("def f():\n    from cpt_bench.running.runner import execute\n    return execute\n")
+    assert imported_modules("cpt_bench.late", module, {"cpt_bench", "cpt_bench.running.runner"}) == \
+        {"cpt_bench", "cpt_bench.running.runner"}
 
 
 def test_plugins_import_only_the_core():
@@ -104,3 +106,62 @@ def test_the_core_never_imports_a_plugin():
     plugins = {name for name in graph if name.startswith(tuple(PLUGIN_FOLDERS.values()))}
     for name in sorted(set(graph) - plugins):
         assert not graph[name] & plugins, f"{name} imports {sorted(graph[name] & plugins)} (the registry loads them)"
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of a core module (its sub-package's place in cpt_bench.LAYERS); None outside the layers."""
+    from cpt_bench import LAYERS
+
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[0] == "cpt_bench" and parts[1] in LAYERS else None
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for module, imported in sorted(graph.items()):
+        mine = layer_of(module)
+        found += [f"{module} imports {other}" for other in sorted(imported)
+                  if mine is not None and (theirs := layer_of(other)) is not None and theirs > mine]
+    return found
+
+
+def test_every_core_module_sits_in_a_layer():
+    from cpt_bench import LAYERS
+
+    loose = [name for name in import_graph() if name.startswith("cpt_bench.") and layer_of(name) is None
+             and name.split(".")[1] not in ("methods", "baselines", "tasks", "__main__")]
+    assert not loose, f"modules outside the sub-packages {LAYERS}: {loose}"
+
+
+def test_a_lower_layer_never_imports_a_higher_one():
+    violations = layering_violations(import_graph())
+    assert not violations, "; ".join(violations)
+
+
+def test_the_layering_check_finds_an_upward_import():
+    graph = import_graph()
+    graph["cpt_bench.data.texts"] = graph["cpt_bench.data.texts"] | {"cpt_bench.report.table"}
+    assert layering_violations(graph) == ["cpt_bench.data.texts imports cpt_bench.report.table"]
+
+
+def test_a_module_of_the_flat_layout_is_the_moved_module_with_a_deprecation_warning():
+    """Plugins written against the flat layout (`from cpt_bench.plugin import Method`) keep working for one
+    release: the old name is the same module object, so registries and monkeypatches are shared."""
+    import importlib
+    import sys
+    import warnings
+
+    import cpt_bench.training.plugin as moved
+
+    sys.modules.pop("cpt_bench.plugin", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("cpt_bench.plugin")
+        from cpt_bench.models import mlm_loss  # a name of the old module `cpt_bench.models`
+    assert old is moved
+    from cpt_bench.models.loading import mlm_loss as moved_loss
+
+    assert mlm_loss is moved_loss
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any("cpt_bench.plugin moved to cpt_bench.training.plugin" in m for m in messages), messages
+    assert any("cpt_bench.models.mlm_loss moved to cpt_bench.models.loading.mlm_loss" in m for m in messages)

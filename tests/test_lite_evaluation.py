@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from cpt_bench.data import EndTaskData, EndTaskSplit, read_end_task, stratified_sample
-from cpt_bench.errors import BadInput
-from cpt_bench.evaluator import check_end_task, has_encoder, probe_scores
-from cpt_bench.settings import FinetuneSettings, build
-from cpt_bench.suite import EndTask, load_suite
+from cpt_bench.common.errors import BadInput
+from cpt_bench.common.settings import FinetuneSettings, build
+from cpt_bench.data.suite import EndTask, load_suite
+from cpt_bench.data.texts import EndTaskData, EndTaskSplit, read_end_task, stratified_sample
+from cpt_bench.evaluation.evaluator import check_end_task, has_encoder, probe_scores
 
 from conftest import assert_one_line_error, run_cli, write_jsonl
 
@@ -184,7 +184,7 @@ def corpus_suite(tiny_suite, dev_texts: int, score: str = "heldout"):
 
 @pytest.mark.parametrize("score", ["heldout", "dev"])
 def test_perplexity_text_never_appears_in_the_dap_stream(tiny_suite, score):
-    from cpt_bench.plan import RunRequest, plan_data
+    from cpt_bench.running.plan import RunRequest, plan_data
 
     plan = plan_data(RunRequest("naive", str(corpus_suite(tiny_suite, 10, score))))
     for domain in ("cats", "dogs"):
@@ -212,10 +212,10 @@ def warmup_suite(tiny_suite, **settings):
 def test_the_head_warmup_trains_the_head_alone_and_lowers_the_mlm_loss(tiny_suite, tiny_model_dir):
     from transformers import AutoModelForMaskedLM
 
-    from cpt_bench.batches import masked_sample
-    from cpt_bench.head_warmup import head_parameters
-    from cpt_bench.models import mlm_loss
-    from cpt_bench.plan import RunRequest, plan_run
+    from cpt_bench.data.batches import masked_sample
+    from cpt_bench.models.loading import mlm_loss
+    from cpt_bench.running.plan import RunRequest, plan_run
+    from cpt_bench.training.head_warmup import head_parameters
 
     plan = plan_run(RunRequest("naive", str(warmup_suite(tiny_suite)), show_progress=False))
     warmed, original = plan.original_model, AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
@@ -238,7 +238,7 @@ def test_the_head_warmup_trains_the_head_alone_and_lowers_the_mlm_loss(tiny_suit
 
 
 def test_the_head_warmup_trains_the_same_head_on_a_fresh_cache(tiny_suite, tmp_path, monkeypatch):
-    from cpt_bench.plan import RunRequest, plan_run
+    from cpt_bench.running.plan import RunRequest, plan_run
 
     suite = str(warmup_suite(tiny_suite, steps=10))
     first = plan_run(RunRequest("naive", suite, show_progress=False))

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from cpt_bench.batches import MaskingCollator, mlm_blocks
-from cpt_bench.errors import BadInput
-from cpt_bench.synthetic import build_tokenizer
+from cpt_bench.common.errors import BadInput
+from cpt_bench.data.batches import MaskingCollator, mlm_blocks
+from cpt_bench.running.synthetic import build_tokenizer
 
 VOCABULARY = [f"w{i}" for i in range(60)]
 

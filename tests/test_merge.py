@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpt_bench.plugin import method_class
-from cpt_bench.stage import SequenceState
+from cpt_bench.training.plugin import method_class
+from cpt_bench.training.stage import SequenceState
 
 from conftest import assert_one_line_error, stage_state
 from interruptions import only_result, run_tiny

@@ -1,4 +1,4 @@
-"""The method contract (cpt_bench/plugin.py), checked on every registered method and on the example method of
+"""The method contract (cpt_bench/training/plugin.py), checked on every registered method and on the example method of
 methods/TEMPLATE.md. Methods are discovered through the registry: a new method is tested without being listed
 anywhere."""
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpt_bench.checkpoint import load_state, save_state
-from cpt_bench.plugin import METHODS, method_class, registered_methods
-from cpt_bench.results import validate_result
-from cpt_bench.stage import SequenceState
+from cpt_bench.running.results import validate_result
+from cpt_bench.training.checkpoint import load_state, save_state
+from cpt_bench.training.plugin import METHODS, method_class, registered_methods
+from cpt_bench.training.stage import SequenceState
 
 from interruptions import Crash, assert_same_result, crash_at_batch, only_result, run_tiny
 
@@ -113,7 +113,7 @@ def _assert_state_round_trips(name: str, tiny_suite: Path, checkpoint: Path) -> 
     original model, then `load_state_dict`), gives back the same `state_dict`, through the checkpoint format."""
     from accelerate import Accelerator
 
-    from cpt_bench.plan import RunRequest, plan_run
+    from cpt_bench.running.plan import RunRequest, plan_run
 
     saved = load_state(checkpoint)["method"]
     plan = plan_run(RunRequest(method=name, suite=str(tiny_suite), show_progress=False))
@@ -144,7 +144,7 @@ def _assert_same_state(got, want, where: str = "state") -> None:
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_every_setting_is_settable_with_set(name, tiny_suite):
-    from cpt_bench.plan import RunRequest, plan_run
+    from cpt_bench.running.plan import RunRequest, plan_run
 
     cls = method_class(name)
     defaults = cls.Settings()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cpt_bench.evaluator import score
+from cpt_bench.evaluation.evaluator import score
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from test_report import markdown_rows, result, write
 
-import cpt_bench.metrics as metrics
+import cpt_bench.evaluation.metrics as metrics
 
 from conftest import run_cli
 

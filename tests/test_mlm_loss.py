@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
-from cpt_bench.models import mlm_loss_and_hidden, vocab_pad_multiple
+from cpt_bench.models.loading import mlm_loss_and_hidden, vocab_pad_multiple
 
 SIZES = {"vocab_size": 71, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
          "intermediate_size": 64, "max_position_embeddings": 40, "hidden_dropout_prob": 0.0,

@@ -67,11 +67,11 @@ LR_PROBE = '''
 import json, sys
 from accelerate import Accelerator
 from transformers import AutoModelForMaskedLM, AutoTokenizer
-from cpt_bench.batches import mlm_blocks
-from cpt_bench.plugin import Method
-from cpt_bench.stage import SequenceState, Stage
-from cpt_bench.settings import DapSettings
-from cpt_bench.trainer import DapTrainer
+from cpt_bench.data.batches import mlm_blocks
+from cpt_bench.training.plugin import Method
+from cpt_bench.training.stage import SequenceState, Stage
+from cpt_bench.common.settings import DapSettings
+from cpt_bench.training.trainer import DapTrainer
 
 model_dir, out = sys.argv[1], sys.argv[2]
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -123,11 +123,11 @@ import torch
 from accelerate import Accelerator
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from transformers import AutoModelForMaskedLM, AutoTokenizer
-from cpt_bench.batches import mlm_blocks
-from cpt_bench.plugin import Method
-from cpt_bench.settings import DapSettings
-from cpt_bench.stage import Stage
-from cpt_bench.trainer import DapTrainer
+from cpt_bench.data.batches import mlm_blocks
+from cpt_bench.training.plugin import Method
+from cpt_bench.common.settings import DapSettings
+from cpt_bench.training.stage import Stage
+from cpt_bench.training.trainer import DapTrainer
 
 model_dir, out = sys.argv[1], sys.argv[2]
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -218,8 +218,8 @@ def test_methods_that_need_whole_parameters_are_refused_under_fsdp(tiny_suite):
 
     from accelerate.utils import DistributedType
 
-    from cpt_bench.errors import BadInput
-    from cpt_bench.plan import RunRequest, check_distributed, plan_data
+    from cpt_bench.common.errors import BadInput
+    from cpt_bench.running.plan import RunRequest, check_distributed, plan_data
 
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)

@@ -30,7 +30,7 @@ def test_result_has_a_perplexity_row_per_stage(tiny_suite, tmp_path):
 
 
 def test_heldout_texts_are_cut_from_the_corpus(tiny_suite):
-    from cpt_bench.plan import LoadedData, RunRequest, plan_run
+    from cpt_bench.running.plan import LoadedData, RunRequest, plan_run
 
     _with_heldout(tiny_suite, heldout_texts=16)
     plan = plan_run(RunRequest(method="naive", suite=str(tiny_suite), show_progress=False))
@@ -51,13 +51,13 @@ def test_perplexity_is_deterministic_and_falls_when_the_text_is_learned(tiny_mod
     import torch
     from accelerate import Accelerator
 
-    from cpt_bench.batches import mlm_blocks
-    from cpt_bench.models import load_lm
-    from cpt_bench.perplexity import heldout_scores
-    from cpt_bench.plugin import Method
-    from cpt_bench.settings import DapSettings
-    from cpt_bench.stage import Stage
-    from cpt_bench.trainer import DapTrainer
+    from cpt_bench.common.settings import DapSettings
+    from cpt_bench.data.batches import mlm_blocks
+    from cpt_bench.evaluation.perplexity import heldout_scores
+    from cpt_bench.models.loading import load_lm
+    from cpt_bench.training.plugin import Method
+    from cpt_bench.training.stage import Stage
+    from cpt_bench.training.trainer import DapTrainer
 
     model, tokenizer = load_lm(str(tiny_model_dir))
     texts = [f"the cats was {w} and {w} ." for w in ["purr", "nap", "soft", "calm"] * 20]

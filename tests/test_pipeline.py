@@ -77,8 +77,8 @@ def test_one_starts_every_domain_from_the_original_weights(tiny_model_dir):
     """`one` reloads the original parameters before each stage, whatever the previous stage did."""
     from transformers import AutoModelForMaskedLM
 
-    from cpt_bench.plugin import method_class
-    from cpt_bench.stage import SequenceState
+    from cpt_bench.training.plugin import method_class
+    from cpt_bench.training.stage import SequenceState
 
     model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -102,8 +102,8 @@ def test_same_seed_same_metrics(tiny_suite, tmp_path):
 def test_command_line_finetune_setting_beats_a_tasks_own(tiny_suite):
     import yaml
 
-    from cpt_bench.evaluator import task_settings
-    from cpt_bench.plan import RunRequest, plan_run
+    from cpt_bench.evaluation.evaluator import task_settings
+    from cpt_bench.running.plan import RunRequest, plan_run
 
     suite = yaml.safe_load(tiny_suite.read_text())
     suite["domains"][0]["end_task"]["finetune"] = {"epochs": 5, "lr": 0.01}

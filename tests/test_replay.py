@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from cpt_bench.plugin import method_class
-from cpt_bench.stage import SequenceState
+from cpt_bench.training.plugin import method_class
+from cpt_bench.training.stage import SequenceState
 
 from conftest import assert_one_line_error, stage_state
 from interruptions import Crash, assert_same_result, crash_at_batch, only_result, run_tiny
@@ -89,7 +89,7 @@ def test_a_replay_run_trains_naives_tokens_and_resumes_to_the_same_result(tiny_s
 
 
 def test_replay_from_the_default_suites_general_corpus_needs_no_held_out_text():
-    from cpt_bench.suite import load_suite
+    from cpt_bench.data.suite import load_suite
 
     suite = load_suite("synthetic")
     assert suite.general_corpus == "general/unlabeled.jsonl"

@@ -326,7 +326,7 @@ def test_result_file_missing_a_contract_key_is_bad_input(tmp_path):
 
 
 def test_measured_truncation_counts_in_settings_do_not_split_a_configuration(tmp_path):
-    from cpt_bench.check import configuration_key
+    from cpt_bench.report.check import configuration_key
 
     def settings(truncated):
         task = {"evaluator": "head", "finetune_overrides": {}}
@@ -346,7 +346,7 @@ def test_a_setting_added_later_reads_as_what_older_runs_did(tmp_path):
     """A result file written before a setting existed groups with new runs that use the behaviour it ran
     with (a default for `dap.compile`; `softmask.contrastive_views` changed default when added: older runs
     were "separate"), in report and in the regression gate alike."""
-    from cpt_bench.check import configuration_key
+    from cpt_bench.report.check import configuration_key
 
     runs = tmp_path / "runs"
     older = result(seed=0, settings={"dap": {"steps": 4}})

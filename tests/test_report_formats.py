@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_report import markdown_rows, result, write
 
-from cpt_bench.stats import sign_flip_test, summarise_values
+from cpt_bench.report.stats import sign_flip_test, summarise_values
 
 from conftest import run_cli
 

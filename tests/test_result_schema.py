@@ -1,4 +1,4 @@
-"""The result file's JSON Schema (cpt_bench/result.schema.json): every committed result file follows it, a file
+"""The result file's JSON Schema (cpt_bench/running/result.schema.json): every committed result file follows it, a file
 that breaks the contract does not, and it agrees with the keys the code writes (every method's fresh result is
 validated in test_method_contract.py)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from cpt_bench.results import SCHEMA, load_schema, validate_result
+from cpt_bench.running.results import SCHEMA, load_schema, validate_result
 
 ROOT = Path(__file__).parents[1]
 

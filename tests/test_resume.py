@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpt_bench.checkpoint import load_state, save_state
+from cpt_bench.training.checkpoint import load_state, save_state
 
 from conftest import run_cli
 from interruptions import (
@@ -132,7 +132,7 @@ _UNINTERRUPTED: dict[str, dict] = {}  # the uninterrupted run's result, made by 
 # ---------------------------------------------------------------- never publish a broken number
 
 def test_non_finite_loss_stops_with_domain_and_step_and_keeps_the_checkpoint(tiny_suite, tmp_path, monkeypatch):
-    from cpt_bench import trainer
+    from cpt_bench.training import trainer
 
     original, calls = trainer.MaskedLMObjective.forward, [0]
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from cpt_bench.optim import lr_factor
-from cpt_bench.settings import DAP_SETTINGS_ADDED_LATER, DapSettings, as_dict, hashed_dap_settings
+from cpt_bench.common.settings import DAP_SETTINGS_ADDED_LATER, DapSettings, as_dict, hashed_dap_settings
+from cpt_bench.training.optim import lr_factor
 
 from conftest import assert_one_line_error, run_cli
 
@@ -58,9 +58,9 @@ def stage_rates(tiny_lm, **settings) -> list[list[float]]:
     """The learning rate of every optimizer step of two 6-step stages of naive DAP on the tiny model."""
     from accelerate import Accelerator
 
-    from cpt_bench.plugin import Method
-    from cpt_bench.stage import Stage
-    from cpt_bench.trainer import DapTrainer
+    from cpt_bench.training.plugin import Method
+    from cpt_bench.training.stage import Stage
+    from cpt_bench.training.trainer import DapTrainer
 
     rates: list[list[float]] = []
 
@@ -113,9 +113,9 @@ def stage_moments(tiny_lm, optimizer_state: str) -> tuple[list, list]:
     """(first moments at each stage's first step, first moments at each stage's end) of two naive stages."""
     from accelerate import Accelerator
 
-    from cpt_bench.plugin import Method
-    from cpt_bench.stage import Stage
-    from cpt_bench.trainer import DapTrainer
+    from cpt_bench.training.plugin import Method
+    from cpt_bench.training.stage import Stage
+    from cpt_bench.training.trainer import DapTrainer
 
     at_start, at_end = [], []
 
@@ -153,7 +153,7 @@ def test_carried_moments_start_the_next_stage_where_the_last_ended_and_reset_one
 def test_moments_are_not_carried_into_parameters_of_other_shapes():
     import torch
 
-    from cpt_bench.trainer import carry_moments
+    from cpt_bench.training.trainer import carry_moments
 
     def optimizer(*shapes):
         parameters = [torch.nn.Parameter(torch.ones(shape)) for shape in shapes]

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cpt_bench.errors import BadInput
-from cpt_bench.models import mlm_loss
-from cpt_bench.plugin import method_class
-from cpt_bench.settings import DapSettings
-from cpt_bench.stage import SequenceState
-from cpt_bench.trainer import MaskedLMObjective
-from cpt_bench.units import UnitMap, accumulate, normalise
+from cpt_bench.common.errors import BadInput
+from cpt_bench.common.settings import DapSettings
+from cpt_bench.models.loading import mlm_loss
+from cpt_bench.models.units import UnitMap, accumulate, normalise
+from cpt_bench.training.plugin import method_class
+from cpt_bench.training.stage import SequenceState
+from cpt_bench.training.trainer import MaskedLMObjective
 
 from conftest import run_cli, stage_state
 
@@ -225,7 +225,7 @@ def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(ti
     representation of the masked text and carries the gradient; the positive is the full network on the same
     text unmasked, the negatives the gated network on it, both fixed targets without dropout."""
     from cpt_bench.methods import softmask
-    from cpt_bench.models import encoder
+    from cpt_bench.models.loading import encoder
     captured = {}
     real_info_nce = softmask.info_nce
 

@@ -22,7 +22,7 @@ def write_grid(tmp_path: Path, tiny_suite: Path, **spec) -> Path:
 
 
 def test_a_grid_is_the_cross_product_of_method_variants_orders_and_seeds(tiny_suite, tmp_path):
-    from cpt_bench.sweep import load_grid
+    from cpt_bench.sweeps.grid import load_grid
 
     path = write_grid(tmp_path, tiny_suite, seeds=[0, 1], orders=["cats,dogs", ["dogs", "cats"]],
                       methods=["naive", {"method": "ewc", "variants": {"weak": {"ewc.weight": 10},
@@ -60,7 +60,7 @@ def test_a_sweep_runs_every_run_then_skips_finished_ones_and_writes_the_report(t
 
 
 def test_two_local_workers_on_two_cores_run_with_one_thread_each(tiny_suite, tmp_path, monkeypatch):
-    from cpt_bench import sweep
+    from cpt_bench.sweeps import grid as sweep
 
     assert sweep.threads_per_worker(2, 2) == 1
     assert sweep.threads_per_worker(16, 2) == 8
@@ -84,7 +84,8 @@ def test_two_local_workers_on_two_cores_run_with_one_thread_each(tiny_suite, tmp
 
 
 def test_status_reports_every_state(tiny_suite, tmp_path):
-    from cpt_bench import executors, sweep
+    from cpt_bench.sweeps import executors
+    from cpt_bench.sweeps import grid as sweep
 
     path = write_grid(tmp_path, tiny_suite, seeds=[0, 1, 2, 3, 4])
     grid = sweep.load_grid(path)
@@ -130,7 +131,8 @@ def test_a_failed_run_makes_the_sweep_exit_1_and_names_it(tiny_suite, tmp_path):
     suite["model"] = str(model)
     tiny_suite.write_text(yaml.safe_dump(suite))
     path = write_grid(tmp_path, tiny_suite)
-    from cpt_bench import executors, sweep
+    from cpt_bench.sweeps import executors
+    from cpt_bench.sweeps import grid as sweep
 
     grid = sweep.load_grid(path)
     shutil.rmtree(model)
@@ -163,7 +165,7 @@ def test_bad_grid_files_are_one_line_errors_before_anything_runs(edit, fragments
 
 
 def test_slurm_without_submitit_or_sbatch_is_a_one_line_error(tiny_suite, tmp_path, monkeypatch):
-    from cpt_bench.executors import slurm as sweep_slurm
+    from cpt_bench.sweeps.executors import slurm as sweep_slurm
 
     path = write_grid(tmp_path, tiny_suite)
     monkeypatch.setattr(sweep_slurm, "submitit", None)
@@ -185,7 +187,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tiny_suite, tmp_path):
 
 def test_the_committed_grid_files_expand(monkeypatch):
     """The leaderboard's and the sweeps' grid files are valid (they replace the old scripts)."""
-    from cpt_bench.sweep import load_grid
+    from cpt_bench.sweeps.grid import load_grid
 
     grids = sorted(Path("results").rglob("grid.yaml")) + sorted(Path("results/sweeps").glob("*.yaml"))
     checked = 0
@@ -202,7 +204,8 @@ def test_a_run_started_by_hand_is_seen_running_and_not_started_twice(tiny_suite,
     """`cpt-bench run` claims its work directory (owner.json: host, pid); a sweep leaves such a run alone."""
     import socket
 
-    from cpt_bench import executors, sweep
+    from cpt_bench.sweeps import executors
+    from cpt_bench.sweeps import grid as sweep
 
     grid = sweep.load_grid(write_grid(tmp_path, tiny_suite))
     (run,) = grid.runs
@@ -222,7 +225,7 @@ def test_a_run_started_by_hand_is_seen_running_and_not_started_twice(tiny_suite,
 def test_a_run_claims_its_work_directory_while_it_runs(tiny_suite, tmp_path, monkeypatch):
     import os
 
-    from cpt_bench import checkpoint
+    from cpt_bench.training import checkpoint
 
     seen = []
     original = checkpoint.WorkDir.save_checkpoint
@@ -241,9 +244,9 @@ def test_a_run_claims_its_work_directory_while_it_runs(tiny_suite, tmp_path, mon
 def test_a_changed_planning_step_moves_the_sweeps_predicted_file_with_the_runs(tiny_suite, tmp_path, monkeypatch):
     """The sweep predicts each result file with the run's own identity function over the run's own plan: a
     planning step that changes the configuration (here: one more setting applied to every run) moves both."""
-    import cpt_bench.plan as planning
-    from cpt_bench.settings import override
-    from cpt_bench.sweep import load_grid
+    import cpt_bench.running.plan as planning
+    from cpt_bench.common.settings import override
+    from cpt_bench.sweeps.grid import load_grid
 
     path = write_grid(tmp_path, tiny_suite, steps=2, eval="final")
     (before,) = load_grid(path).runs
@@ -266,9 +269,9 @@ def test_a_changed_planning_step_moves_the_sweeps_predicted_file_with_the_runs(t
 
 
 def test_an_executor_is_one_class_that_the_sweep_finds_by_name(tiny_suite, tmp_path):
-    """An `Executor` subclass is in the table as soon as it exists (a file in cpt_bench/executors/ is imported
+    """An `Executor` subclass is in the table as soon as it exists (a file in cpt_bench/sweeps/executors/ is imported
     by the table): `--executor NAME` gives it the pending runs, and the run states it reports are the status."""
-    from cpt_bench import executors
+    from cpt_bench.sweeps import executors
 
     given = []
 
@@ -284,7 +287,7 @@ def test_an_executor_is_one_class_that_the_sweep_finds_by_name(tiny_suite, tmp_p
         def job_state(self, state):
             return ("queued", f"recorded job {state['job']}") if state.get("job") else None
 
-    from cpt_bench import sweep as sweep_state
+    from cpt_bench.sweeps import grid as sweep_state
 
     executors.registered_executors.cache_clear()
     try:

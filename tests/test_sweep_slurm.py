@@ -67,7 +67,7 @@ def test_a_two_run_grid_runs_as_a_slurm_job_array(slurm_cluster, tiny_suite, tmp
 def test_a_cancelled_job_resumes_from_its_checkpoint_when_the_grid_is_resubmitted(slurm_cluster, tiny_suite, tmp_path):
     # long enough (a few thousand tiny steps) to be cancelled in its first stage, after a checkpoint
     spec = {"steps": 1000, "checkpoint_every": 50}
-    from cpt_bench.sweep import load_grid, run_one
+    from cpt_bench.sweeps.grid import load_grid, run_one
 
     (tmp_path / "reference").mkdir()
     reference = load_grid(_grid(tmp_path / "reference", tiny_suite, **spec))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from cpt_bench.errors import BadInput
+from cpt_bench.common.errors import BadInput
 from cpt_bench.report.html_page import render_html
 from cpt_bench.report.latex import render_latex
 from cpt_bench.report.markdown import render_markdown

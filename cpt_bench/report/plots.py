@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cpt_bench.atomic import write_bytes_atomic
+from cpt_bench.common.atomic import write_bytes_atomic
 from cpt_bench.report.table import Group
 
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cpt_bench.metrics as metric_table
-from cpt_bench.errors import BadInput
-from cpt_bench.metrics import (  # noqa: F401 - the per-run values, re-exported for scripts that import them here
+import cpt_bench.evaluation.metrics as metric_table
+from cpt_bench.common.errors import BadInput
+from cpt_bench.evaluation.metrics import (  # noqa: F401 - the per-run values, re-exported for scripts that import them here
     KNOWLEDGE_TRANSFER_KEY,
     compute_tflops,
     domain_finals,
@@ -23,8 +23,8 @@ from cpt_bench.metrics import (  # noqa: F401 - the per-run values, re-exported 
     perplexity_forgetting,
     wall_seconds,
 )
-from cpt_bench.results import SCHEMA, checked_result, configuration_settings, is_result, method_configuration
-from cpt_bench.stats import SIGNIFICANCE_LEVEL, PairedComparison, Summary, sign_flip_test, summarise_values
+from cpt_bench.report.stats import SIGNIFICANCE_LEVEL, PairedComparison, Summary, sign_flip_test, summarise_values
+from cpt_bench.running.results import SCHEMA, checked_result, configuration_settings, is_result, method_configuration
 
 REFERENCE_METHOD = "naive"  # significance markers compare every method with naive continual DAP
 
@@ -121,7 +121,7 @@ class Column:
 
 
 def summary_columns() -> list[Column]:
-    """The report's metric columns: the run-metric table's (cpt_bench/metrics), in its order."""
+    """The report's metric columns: the run-metric table's (cpt_bench/evaluation/metrics), in its order."""
     return [Column(m.label, m.value, m.higher_is_better, m.digits) for m in metric_table.RUN_METRICS if m.in_report]
 
 
