@@ -33,7 +33,7 @@ from torch import nn
 from cpt_bench.common.errors import BadInput
 from cpt_bench.common.rng import derive_seed
 from cpt_bench.data.batches import masked_sample
-from cpt_bench.models.loading import encoder, is_causal_lm, mlm_head, mlm_loss
+from cpt_bench.models.loading import is_causal_lm, lm_body, lm_head, lm_loss
 from cpt_bench.models.units import UnitMap, projection_features
 from cpt_bench.training.plugin import Method, MethodSettings, register
 from cpt_bench.training.stage import SequenceState
@@ -158,9 +158,9 @@ def pseudo_log_likelihood(model: nn.Module, input_ids: torch.Tensor, attention_m
         chosen = maskable & (positions % every == offset)
         if not chosen.any():
             continue
-        hidden = encoder(model)(input_ids=input_ids.masked_fill(chosen, mask_token_id),
+        hidden = lm_body(model)(input_ids=input_ids.masked_fill(chosen, mask_token_id),
                                 attention_mask=attention_mask)[0]
-        log_probs = mlm_head(model)(hidden[chosen]).float().log_softmax(-1)
+        log_probs = lm_head(model)(hidden[chosen]).float().log_softmax(-1)
         token_ll = log_probs.gather(-1, input_ids[chosen][:, None]).squeeze(-1)
         total.index_add_(0, chosen.nonzero()[:, 0], token_ll)
     return total
@@ -170,8 +170,8 @@ def pseudo_log_likelihood(model: nn.Module, input_ids: torch.Tensor, attention_m
 def causal_log_likelihood(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per row: the exact log-likelihood of a decoder, sum over real tokens after the first of
     log p(token | the tokens before it) (DEMix's own, Gururangan et al. 2022, Sec. 4)."""
-    hidden = encoder(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
-    log_probs = mlm_head(model)(hidden[:, :-1]).float().log_softmax(-1)
+    hidden = lm_body(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    log_probs = lm_head(model)(hidden[:, :-1]).float().log_softmax(-1)
     token_ll = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return (token_ll * attention_mask[:, 1:]).sum(-1)
 
@@ -350,7 +350,7 @@ class Demix(Method):
         with routed(model, [(index, 1.0)]):
             for batch in sample:
                 with self.accelerator.autocast():
-                    losses.append(mlm_loss(model, {k: v.to(device) for k, v in batch.items()}).float())
+                    losses.append(lm_loss(model, {k: v.to(device) for k, v in batch.items()}).float())
         model.train(was_training)
         return torch.stack(losses).mean()
 

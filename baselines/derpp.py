@@ -166,13 +166,13 @@ class Derpp(Method):
 
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with head_outputs(stage.model) as outputs:
-            loss = stage.mlm_loss(batch)
+            loss = stage.lm_loss(batch)
         if len(self.buffer):
             replay = self._replay(stage, len(batch["input_ids"]))
             stage.log_term("replay", replay)
             loss = loss + replay
         # the blocks enter the reservoir with this forward's logits: the model as it was when they were seen
-        (logits,) = outputs or [torch.empty(0, stage.model.config.vocab_size)]  # mlm_loss: one head call
+        (logits,) = outputs or [torch.empty(0, stage.model.config.vocab_size)]  # lm_loss: one head call
         self.buffer.add(batch["input_ids"], batch["attention_mask"], batch["labels"], logits)
         return loss
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from cpt_bench.common.errors import BadInput
-from cpt_bench.data.batches import endless, masked_loader, process_share
-from cpt_bench.models.loading import mlm_loss
+from cpt_bench.data.batches import endless, lm_loader, process_share
+from cpt_bench.models.loading import lm_loss
 from cpt_bench.training.plugin import Method, MethodSettings, register
 
 
@@ -58,7 +58,7 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            loss = mlm_loss(model, batch)
+            loss = lm_loss(model, batch)
         grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
         for name, grad in zip(parameters, grads):
             if grad is not None:  # None: not in the MLM loss's graph, so zero Fisher
@@ -82,7 +82,7 @@ class Ewc(Method):
 
     # ---- events
     def loss(self, stage, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = stage.mlm_loss(batch)
+        loss = stage.lm_loss(batch)
         if self.fisher is None or self.settings.weight == 0:
             return loss
         penalty = self.penalty(stage.model)
@@ -128,7 +128,7 @@ class Ewc(Method):
         share (batch i on process i mod n); the sums are reduced: n processes give one process's estimate."""
         accelerator, dap = stage.accelerator, stage.settings
         generator = torch.Generator().manual_seed(stage.seed * 7907 + stage.index)
-        loader = masked_loader(stage.blocks, stage.tokenizer, dap.batch_size, dap.mlm_probability, generator)
+        loader = lm_loader(stage.blocks, stage.tokenizer, dap.batch_size, dap.mlm_probability, generator)
         # a small domain is cycled, as the trainer does
         share = process_share(endless(loader), self.settings.fisher_batches, accelerator)
         totals, count = diagonal_fisher(stage.model, share, accelerator)

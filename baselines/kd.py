@@ -55,7 +55,7 @@ class Kd(Method):
 
     def loss(self, stage, batch):
         with head_outputs(stage.model) as outputs:  # the student's masked-position logits, from the MLM pass
-            loss = stage.mlm_loss(batch)
+            loss = stage.lm_loss(batch)
         if not outputs:  # no masked position in this micro-batch: nothing to distil
             return loss
         with torch.no_grad():

@@ -57,7 +57,7 @@ class Replay(Method):
         rows = batch["input_ids"].shape[0]
         count = round(self.settings.ratio * rows)
         if count == 0 or not self.pool:
-            return stage.mlm_loss(batch)
+            return stage.lm_loss(batch)
         picks = torch.randint(len(self.pool), (count,), generator=self.generator).tolist()
         examples = []
         for source in picks:
@@ -67,7 +67,7 @@ class Replay(Method):
         for source, mask in zip(picks, replay["attention_mask"]):
             name = self.pool[source]
             self.stage_tokens[name] = self.stage_tokens.get(name, 0) + int(mask.sum())
-        return stage.mlm_loss(splice(batch, replay, rows - count))
+        return stage.lm_loss(splice(batch, replay, rows - count))
 
     def after_stage(self, stage):
         self.replayed.append(dict(self.stage_tokens))

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from cpt_bench.common.errors import BadInput
-from cpt_bench.data.batches import masked_loader, process_share
-from cpt_bench.models.loading import encoder, has_dropout, is_causal_lm, mlm_loss
+from cpt_bench.data.batches import lm_loader, process_share
+from cpt_bench.models.loading import has_dropout, is_causal_lm, lm_body, lm_loss
 from cpt_bench.models.units import UNIT_KINDS, UnitMap, accumulate, controlled, normalise
 from cpt_bench.training.plugin import Method, MethodSettings, register
 from cpt_bench.training.stage import SequenceState
@@ -146,10 +146,10 @@ class SoftMask(Method):
         s = self.settings
         contrast = s.contrastive and s.contrastive_weight > 0 and self.accumulated is not None
         if contrast and s.contrastive_views == "mlm_anchor":
-            loss, hidden = stage.mlm_loss(batch, return_hidden=True)
+            loss, hidden = stage.lm_loss(batch, return_hidden=True)
             contrastive = self._contrastive_on_mlm_pass(stage, batch, pooled(hidden, batch["attention_mask"]))
         else:
-            loss = stage.mlm_loss(batch)
+            loss = stage.lm_loss(batch)
             contrastive = self._contrastive(stage, batch) if contrast else None
         if contrastive is not None:
             stage.log_term("contrastive", contrastive)
@@ -189,7 +189,7 @@ class SoftMask(Method):
         """Mean over batches of |dL/dg| for every unit's gate; L is the KL proxy (general) or the MLM loss."""
         model, accelerator = stage.model, stage.accelerator
         generator = torch.Generator().manual_seed(self._seed * 7919 + stage.index * 2 + int(general))
-        loader = masked_loader(stage.blocks, stage.tokenizer, stage.settings.batch_size,
+        loader = lm_loader(stage.blocks, stage.tokenizer, stage.settings.batch_size,
                                stage.settings.mlm_probability, generator)
         device = accelerator.device
         gates = {k: v.requires_grad_(True) for k, v in self.units.ones(device).items()}
@@ -205,7 +205,7 @@ class SoftMask(Method):
                 if general:
                     loss = self.proxy_loss(model, unmasked_ids(batch, self._causal), batch["attention_mask"])
                 else:
-                    loss = mlm_loss(model, batch)
+                    loss = lm_loss(model, batch)
             grads = torch.autograd.grad(loss, [gates[k] for k in UNIT_KINDS])
             for kind, grad in zip(UNIT_KINDS, grads):
                 totals[kind] += grad.detach().abs()
@@ -222,7 +222,7 @@ class SoftMask(Method):
     def proxy_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """General-knowledge proxy (Sec. 3.1): KL between the output representations of two dropout passes
         of the same input (the model must be in train mode, or the two passes are identical)."""
-        body = encoder(model)
+        body = lm_body(model)
         first = pooled(body(input_ids=input_ids, attention_mask=attention_mask)[0], attention_mask)
         second = pooled(body(input_ids=input_ids, attention_mask=attention_mask)[0], attention_mask)
         return F.kl_div(F.log_softmax(first.float(), -1), F.softmax(second.float(), -1), reduction="batchmean")
@@ -247,7 +247,7 @@ class SoftMask(Method):
         previous = {k: v.to(ids.device).expand(rows, *v.shape) for k, v in self.accumulated.items()}
         gates = {k: torch.cat([full[k], previous[k]]) for k in full}
         with self.units.gated(gates), self._views_differ():
-            hidden = encoder(stage.model)(input_ids=ids.repeat(3, 1), attention_mask=mask.repeat(3, 1))[0]
+            hidden = lm_body(stage.model)(input_ids=ids.repeat(3, 1), attention_mask=mask.repeat(3, 1))[0]
         views = pooled(hidden, mask.repeat(3, 1))
         return self._info_nce_across_processes(stage, views[:rows], views[rows: 2 * rows], views[2 * rows:])
 
@@ -266,7 +266,7 @@ class SoftMask(Method):
         model.eval()
         try:
             with torch.no_grad(), self.units.gated(gates):
-                hidden = encoder(model)(input_ids=ids.repeat(2, 1), attention_mask=mask.repeat(2, 1))[0]
+                hidden = lm_body(model)(input_ids=ids.repeat(2, 1), attention_mask=mask.repeat(2, 1))[0]
         finally:
             model.train(was_training)
         views = pooled(hidden, mask.repeat(2, 1))

@@ -92,9 +92,9 @@ def stage_state(model, blocks=None, *, name: str = "cats", index: int = 0, token
 
     from cpt_bench.common.settings import DapSettings
     from cpt_bench.training.stage import Stage, StageState
-    from cpt_bench.training.trainer import MaskedLMObjective
+    from cpt_bench.training.trainer import LMObjective
 
-    return StageState(Stage(name, [name]), index, model, MaskedLMObjective(model), None,
+    return StageState(Stage(name, [name]), index, model, LMObjective(model), None,
                       accelerator or Accelerator(cpu=True), settings or DapSettings(batch_size=4, seq_len=16),
                       tokenizer, blocks, seed, resumed=resumed)
 

@@ -16,7 +16,7 @@ from cpt_bench.common.settings import DapSettings, FinetuneSettings
 from cpt_bench.data.batches import MaskingCollator, mlm_blocks
 from cpt_bench.data.texts import EndTaskData, EndTaskSplit
 from cpt_bench.evaluation.evaluator import EndTaskEvaluator
-from cpt_bench.models.loading import mlm_head, mlm_loss
+from cpt_bench.models.loading import lm_head, lm_loss
 from cpt_bench.training.adapters import adapter_key
 from cpt_bench.training.plugin import method_class
 from cpt_bench.training.stage import SequenceState, Stage
@@ -147,7 +147,7 @@ def test_only_the_domains_adapter_trains_in_each_phase(name, tiny):
     with_head.before_stage(stage_state(with_head.model, name="cats", index=0))
     lm = with_head.end_task_model(with_head.model, 0)
     assert _ids(p for p in lm.parameters() if p.requires_grad) == \
-        _ids(_adapter(with_head, lm, "cats")) | _ids(mlm_head(lm).parameters())
+        _ids(_adapter(with_head, lm, "cats")) | _ids(lm_head(lm).parameters())
     per_domain = sum(p.numel() for p in _adapter(method, model, "cats"))
     assert method.overhead(model)["extra_parameters"] == 2 * per_domain
 
@@ -165,7 +165,7 @@ def test_fine_tuning_a_copy_changes_only_the_copys_adapter(name, tiny):
     optimizer = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=1.0)
     twin.train()
     for _ in range(3):
-        mlm_loss(twin, batch).backward()
+        lm_loss(twin, batch).backward()
         optimizer.step()
         optimizer.zero_grad()
     assert any(not torch.equal(a, b) for a, b in zip(_adapter(method, twin, "cats"), snapshot))

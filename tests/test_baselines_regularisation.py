@@ -102,7 +102,7 @@ def test_ewc_fisher_is_the_mean_squared_batch_gradient(tiny):
     from accelerate import Accelerator
 
     from cpt_bench.baselines.ewc import diagonal_fisher
-    from cpt_bench.models.loading import mlm_loss
+    from cpt_bench.models.loading import lm_loss
 
     model = tiny.model().train()
     batches = [tiny.batch(seed=1), tiny.batch(seed=2)]
@@ -112,7 +112,7 @@ def test_ewc_fisher_is_the_mean_squared_batch_gradient(tiny):
     squares = []
     for batch in batches:
         model.zero_grad()
-        mlm_loss(model, batch).backward()
+        lm_loss(model, batch).backward()
         squares.append({n: p.grad.pow(2) for n, p in model.named_parameters() if p.grad is not None})
     for name, square in squares[0].items():
         torch.testing.assert_close(totals[name] / count, (square + squares[1][name]) / 2)

@@ -12,7 +12,7 @@ import yaml
 
 from cpt_bench.common.errors import BadInput
 from cpt_bench.data.batches import MaskingCollator, causal_blocks
-from cpt_bench.models.loading import is_causal_lm, load_lm, mlm_loss
+from cpt_bench.models.loading import is_causal_lm, lm_loss, load_lm
 from cpt_bench.running.results import validate_result
 
 from conftest import FILLER, WORDS, assert_one_line_error, run_cli
@@ -90,7 +90,7 @@ def test_the_shared_loss_is_the_models_own_next_token_loss_with_the_same_gradien
     model, tokenizer = load_lm(str(decoder_dirs[family]))
     blocks = causal_blocks(TEXTS * 4, tokenizer, 8, "fixture")
     batch = MaskingCollator(tokenizer)([blocks[i] for i in range(3)])
-    ours = mlm_loss(model, batch)
+    ours = lm_loss(model, batch)
     ours.backward()
     our_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -343,7 +343,7 @@ def test_a_zeroed_unit_has_zero_importance(decoder_dirs, family):
                 parameter.masked_fill_(owned, 0.0)
     gates = {k: v.requires_grad_(True) for k, v in units.ones().items()}
     with units.gated(gates):
-        loss = mlm_loss(model, batch)
+        loss = lm_loss(model, batch)
     grads = dict(zip(UNIT_KINDS, torch.autograd.grad(loss, [gates[k] for k in UNIT_KINDS]), strict=True))
     for kind in UNIT_KINDS:
         assert grads[kind][0, 0] == 0, kind

@@ -157,11 +157,26 @@ def test_a_module_of_the_flat_layout_is_the_moved_module_with_a_deprecation_warn
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         old = importlib.import_module("cpt_bench.plugin")
-        from cpt_bench.models import mlm_loss  # a name of the old module `cpt_bench.models`
+        from cpt_bench.models import lm_loss  # a name of the old module `cpt_bench.models`
     assert old is moved
-    from cpt_bench.models.loading import mlm_loss as moved_loss
+    from cpt_bench.models.loading import lm_loss as moved_loss
 
-    assert mlm_loss is moved_loss
+    assert lm_loss is moved_loss
     messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     assert any("cpt_bench.plugin moved to cpt_bench.training.plugin" in m for m in messages), messages
-    assert any("cpt_bench.models.mlm_loss moved to cpt_bench.models.loading.mlm_loss" in m for m in messages)
+    assert any("cpt_bench.models.lm_loss moved to cpt_bench.models.loading.lm_loss" in m for m in messages)
+
+
+def test_the_encoder_era_names_still_work_and_say_their_new_names():
+    import types
+    import warnings
+
+    from cpt_bench.data import batches
+    from cpt_bench.models import loading
+
+    model = types.SimpleNamespace(base_model=object())  # what lm_body reads of a transformers model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert loading.encoder(model) is loading.lm_body(model)
+        assert batches.masked_loader.__wrapped__ is batches.lm_loader
+    assert [str(w.message) for w in caught] == ["encoder is now lm_body; the old name goes in the next release"]

@@ -213,7 +213,7 @@ def test_the_head_warmup_trains_the_head_alone_and_lowers_the_mlm_loss(tiny_suit
     from transformers import AutoModelForMaskedLM
 
     from cpt_bench.data.batches import masked_sample
-    from cpt_bench.models.loading import mlm_loss
+    from cpt_bench.models.loading import lm_loss
     from cpt_bench.running.plan import RunRequest, plan_run
     from cpt_bench.training.head_warmup import head_parameters
 
@@ -229,7 +229,7 @@ def test_the_head_warmup_trains_the_head_alone_and_lowers_the_mlm_loss(tiny_suit
     batches = masked_sample(plan.data.blocks("cats", 16), plan.tokenizer, 8, 0.3, 2, torch.Generator().manual_seed(5))
     original.eval(), warmed.eval()
     with torch.no_grad():
-        assert sum(float(mlm_loss(warmed, b)) for b in batches) < sum(float(mlm_loss(original, b)) for b in batches)
+        assert sum(float(lm_loss(warmed, b)) for b in batches) < sum(float(lm_loss(original, b)) for b in batches)
     assert plan.head_warmup["steps"] == 30 and plan.head_warmup["domains"] == ["cats", "dogs"]
     # a second plan reads the same head from the cache, whatever the domain order
     again = plan_run(RunRequest("naive", str(tiny_suite), order=["dogs", "cats"], show_progress=False))

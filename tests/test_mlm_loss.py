@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
-from cpt_bench.models.loading import mlm_loss_and_hidden, vocab_pad_multiple
+from cpt_bench.models.loading import lm_loss_and_hidden, vocab_pad_multiple
 
 SIZES = {"vocab_size": 71, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
          "intermediate_size": 64, "max_position_embeddings": 40, "hidden_dropout_prob": 0.0,
@@ -40,7 +40,7 @@ def _loss_and_gradients(model, loss_of):
 def test_masked_position_loss_is_the_models_full_logits_loss(kind, pad_multiple):
     model, batch = _model(kind), _batch()
     expected, expected_grads = _loss_and_gradients(model, lambda m: m(**batch).loss)
-    loss, grads = _loss_and_gradients(model, lambda m: mlm_loss_and_hidden(m, batch, vocab_pad=pad_multiple)[0])
+    loss, grads = _loss_and_gradients(model, lambda m: lm_loss_and_hidden(m, batch, vocab_pad=pad_multiple)[0])
     torch.testing.assert_close(loss, expected)
     assert grads.keys() == expected_grads.keys()  # the tied decoder/bias get their gradient through the padding
     for name, grad in grads.items():
@@ -62,8 +62,8 @@ def test_rows_with_nothing_masked_give_a_zero_loss_with_a_gradient_for_every_par
     must still give every parameter (the MLM head's too) a gradient, zero, or the processes fall out of step."""
     model, batch = _model(kind), _batch()
     batch["labels"] = torch.full_like(batch["labels"], -100)
-    normal = set(_loss_and_gradients(model, lambda m: mlm_loss_and_hidden(m, _batch())[0])[1])
-    loss, grads = _loss_and_gradients(model, lambda m: mlm_loss_and_hidden(m, batch)[0])
+    normal = set(_loss_and_gradients(model, lambda m: lm_loss_and_hidden(m, _batch())[0])[1])
+    loss, grads = _loss_and_gradients(model, lambda m: lm_loss_and_hidden(m, batch)[0])
     assert loss.item() == 0.0
     assert set(grads) == normal
     assert all(grad.abs().max() == 0 for grad in grads.values())

@@ -134,14 +134,14 @@ _UNINTERRUPTED: dict[str, dict] = {}  # the uninterrupted run's result, made by 
 def test_non_finite_loss_stops_with_domain_and_step_and_keeps_the_checkpoint(tiny_suite, tmp_path, monkeypatch):
     from cpt_bench.training import trainer
 
-    original, calls = trainer.MaskedLMObjective.forward, [0]
+    original, calls = trainer.LMObjective.forward, [0]
 
     def forward(self, *args, **kwargs):
         calls[0] += 1
         loss = original(self, *args, **kwargs)
         return loss * float("nan") if calls[0] == 6 else loss  # step 2 of the second stage
 
-    monkeypatch.setattr(trainer.MaskedLMObjective, "forward", forward)
+    monkeypatch.setattr(trainer.LMObjective, "forward", forward)
     out = tmp_path / "runs"
     result = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--output", str(out), "--quiet",
                      "--checkpoint-every", "1")

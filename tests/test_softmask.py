@@ -14,11 +14,11 @@ import torch
 
 from cpt_bench.common.errors import BadInput
 from cpt_bench.common.settings import DapSettings
-from cpt_bench.models.loading import mlm_loss
+from cpt_bench.models.loading import lm_loss
 from cpt_bench.models.units import UnitMap, accumulate, normalise
 from cpt_bench.training.plugin import method_class
 from cpt_bench.training.stage import SequenceState
-from cpt_bench.training.trainer import MaskedLMObjective
+from cpt_bench.training.trainer import LMObjective
 
 from conftest import run_cli, stage_state
 
@@ -103,7 +103,7 @@ def _displacement(tiny, steps: int, method=None, layer_importance: torch.Tensor 
     1, unit 1 at 0.9, the rest 0)."""
     model = copy.deepcopy(tiny.model).train()
     torch.manual_seed(0)
-    stage = dataclasses.replace(tiny.stage, model=model, objective=MaskedLMObjective(model))
+    stage = dataclasses.replace(tiny.stage, model=model, objective=LMObjective(model))
     if method is not None:
         method.before_sequence(SequenceState(model, None, None, ["cats"], 0))
         importance = method.units.zeros()
@@ -120,7 +120,7 @@ def _displacement(tiny, steps: int, method=None, layer_importance: torch.Tensor 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     for _ in range(steps):
         torch.manual_seed(1)  # same dropout masks with and without soft-masking
-        mlm_loss(model, tiny.batch).backward()
+        lm_loss(model, tiny.batch).backward()
         if method:
             method.after_backward(stage)
         optimizer.step()
@@ -225,7 +225,7 @@ def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(ti
     representation of the masked text and carries the gradient; the positive is the full network on the same
     text unmasked, the negatives the gated network on it, both fixed targets without dropout."""
     from cpt_bench.methods import softmask
-    from cpt_bench.models.loading import encoder
+    from cpt_bench.models.loading import lm_body
     captured = {}
     real_info_nce = softmask.info_nce
 
@@ -237,7 +237,7 @@ def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(ti
     model = tiny.model.train()
     method = _softmask(model, contrastive_views="mlm_anchor")
     method.accumulated = {k: torch.full_like(v, 0.5) for k, v in method.units.zeros().items()}
-    stage = dataclasses.replace(tiny.stage, objective=MaskedLMObjective(model))
+    stage = dataclasses.replace(tiny.stage, objective=LMObjective(model))
     loss = method.loss(stage, tiny.batch)
     anchor, positive, negatives = captured["anchor"], captured["positive"], captured["negatives"]
     assert anchor.requires_grad and not positive.requires_grad and not negatives.requires_grad
@@ -246,9 +246,9 @@ def test_mlm_anchor_contrasts_the_mlm_pass_with_fixed_views_of_the_clean_text(ti
     model.eval()
     mask = tiny.batch["attention_mask"]
     with torch.no_grad():
-        clean = softmask.pooled(encoder(model)(input_ids=softmask.unmasked_ids(tiny.batch),
+        clean = softmask.pooled(lm_body(model)(input_ids=softmask.unmasked_ids(tiny.batch),
                                                attention_mask=mask)[0], mask)
-        masked = softmask.pooled(encoder(model)(input_ids=tiny.batch["input_ids"], attention_mask=mask)[0], mask)
+        masked = softmask.pooled(lm_body(model)(input_ids=tiny.batch["input_ids"], attention_mask=mask)[0], mask)
     assert torch.allclose(positive, clean, atol=1e-6)  # row i: the same text, unmasked
     assert not torch.allclose(negatives, clean)  # the gated network differs from the full one
     assert not torch.allclose(masked, clean)  # the anchor's view is the masked text
@@ -263,7 +263,7 @@ def test_mlm_anchor_keeps_the_models_mode(tiny):
     model = tiny.model.eval()
     method = _softmask(model, contrastive_views="mlm_anchor")
     method.accumulated = {k: torch.full_like(v, 0.5) for k, v in method.units.zeros().items()}
-    method.loss(dataclasses.replace(tiny.stage, objective=MaskedLMObjective(model)), tiny.batch)
+    method.loss(dataclasses.replace(tiny.stage, objective=LMObjective(model)), tiny.batch)
     assert not model.training
 
 

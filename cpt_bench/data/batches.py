@@ -1,7 +1,7 @@
 """Language-model data: a corpus cut into fixed-length blocks (cached), BERT's masking for an encoder or the
 next tokens as labels for a decoder, and the ways the trainer and the methods draw batches from a stage's
 blocks: the one place that builds them. Either way a batch is (input_ids, attention_mask, labels) with -100
-where nothing is scored, so one loss serves both kinds of LM (`cpt_bench.models.loading.mlm_loss`)."""
+where nothing is scored, so one loss serves both kinds of LM (`cpt_bench.models.loading.lm_loss`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cpt_bench.common.cache import building, cache_dir
+from cpt_bench.common.deprecation import renamed
 from cpt_bench.common.errors import BadInput
 
 
@@ -147,7 +148,7 @@ def _pad(sequences: list[torch.Tensor], pad_id: int | None) -> torch.Tensor:
 
 # ---------------------------------------------------------------- drawing masked batches
 
-def masked_loader(blocks, tokenizer, batch_size: int, mlm_probability: float, generator: torch.Generator,
+def lm_loader(blocks, tokenizer, batch_size: int, mlm_probability: float, generator: torch.Generator,
                   shuffle: bool = True, drop_last: bool = False) -> DataLoader:
     """Batches of `blocks`, masked as they are drawn; one generator decides both the order and the masks, so
     the same seed gives the same batches. (Unshuffled, the loader itself is not given the generator: it would
@@ -180,3 +181,6 @@ def masked_sample(blocks, tokenizer, batch_size: int, mlm_probability: float, ba
     order = torch.randperm(len(blocks), generator=generator)[: batches * batch_size]
     return [collate([blocks[int(i)] for i in order[start: start + batch_size]])
             for start in range(0, len(order), batch_size)]
+
+
+masked_loader = renamed(lm_loader, "masked_loader")  # the encoder-era name (one release; README, "Words")

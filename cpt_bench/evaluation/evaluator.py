@@ -19,7 +19,7 @@ from cpt_bench.common.errors import BadInput
 from cpt_bench.common.progress import progress_bar
 from cpt_bench.common.settings import FinetuneSettings, build
 from cpt_bench.data.texts import EndTaskData, count_truncated, encode_split, prompt_prefix, stratified_sample
-from cpt_bench.models.loading import encoder, is_causal_lm, mlm_head
+from cpt_bench.models.loading import is_causal_lm, lm_body, lm_head
 from cpt_bench.training.checkpoint import StopRequested
 from cpt_bench.training.optim import adamw, linear_schedule
 
@@ -75,8 +75,8 @@ class PromptClassifier(nn.Module):
         self.mask_token_id = mask_token_id
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        hidden = encoder(self.lm)(input_ids=input_ids, attention_mask=attention_mask)[0]
-        logits = mlm_head(self.lm)(hidden[input_ids == self.mask_token_id])  # one mask per row
+        hidden = lm_body(self.lm)(input_ids=input_ids, attention_mask=attention_mask)[0]
+        logits = lm_head(self.lm)(hidden[input_ids == self.mask_token_id])  # one mask per row
         return torch.stack([torch.logsumexp(logits[:, ids.to(logits.device)], dim=-1)
                             for ids in self.label_token_ids], dim=-1)
 
@@ -101,8 +101,8 @@ class CausalPromptClassifier(nn.Module):
         mask = torch.zeros_like(sequences)
         for i, row in enumerate(rows):
             sequences[i, : len(row)], mask[i, : len(row)] = row, 1
-        hidden = encoder(self.lm)(input_ids=sequences, attention_mask=mask)[0]
-        log_probs = mlm_head(self.lm)(hidden[:, :-1]).float().log_softmax(-1)
+        hidden = lm_body(self.lm)(input_ids=sequences, attention_mask=mask)[0]
+        log_probs = lm_head(self.lm)(hidden[:, :-1]).float().log_softmax(-1)
         token_scores = log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1)
         # the continuation's tokens sit at positions length .. length+k-1, predicted one position earlier
         positions = torch.arange(width - 1, device=input_ids.device)
@@ -162,7 +162,7 @@ def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData, lm:
 def has_encoder(lm: nn.Module) -> bool:
     """Whether the LM's body is a bidirectional encoder (a decoder's causal features are not what the probe pools)."""
     return not is_causal_lm(lm) and not getattr(getattr(lm, "config", None), "is_decoder", False) and \
-        encoder(lm) is not lm
+        lm_body(lm) is not lm
 
 
 # the probe's regularisation grid (inverse strength C of scikit-learn's LogisticRegression), chosen on dev
@@ -253,7 +253,7 @@ class EndTaskEvaluator:
             return PromptClassifier(copy.deepcopy(lm), verbalizer_token_ids(self.tokenizer, task),
                                     self.tokenizer.mask_token_id)
         config = lm.config
-        return SequenceClassifier(copy.deepcopy(encoder(lm)), config.hidden_size, len(task.label_names),
+        return SequenceClassifier(copy.deepcopy(lm_body(lm)), config.hidden_size, len(task.label_names),
                                   getattr(config, "hidden_dropout_prob", 0.1), last_token=is_causal_lm(lm))
 
     def evaluate(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
@@ -313,7 +313,7 @@ class EndTaskEvaluator:
     @torch.no_grad()
     def features(self, lm: nn.Module, split: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mean over real tokens of the encoder's last hidden states, one row per example (dropout off)."""
-        body = encoder(lm)
+        body = lm_body(lm)
         was_training = body.training
         body.eval()
         rows = []

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import nn
 
-from cpt_bench.data.batches import masked_loader
-from cpt_bench.models.loading import mlm_loss
+from cpt_bench.data.batches import lm_loader
+from cpt_bench.models.loading import lm_loss
 
 MASKING_SEED = 20230501  # every stage scores the same masked positions, so rows of the matrix compare
 
@@ -43,7 +43,7 @@ def heldout_scores(lm: nn.Module, blocks, tokenizer, accelerator, batch_size: in
                    mlm_probability: float) -> tuple[float, float]:
     """(perplexity, bits per byte) of `blocks` (module docstring), dropout off."""
     generator = torch.Generator().manual_seed(MASKING_SEED)
-    loader = masked_loader(blocks, tokenizer, batch_size, mlm_probability, generator, shuffle=False)
+    loader = lm_loader(blocks, tokenizer, batch_size, mlm_probability, generator, shuffle=False)
     was_training = lm.training
     lm.eval()
     total_loss, total_tokens, total_bytes = 0.0, 0, 0
@@ -54,7 +54,7 @@ def heldout_scores(lm: nn.Module, blocks, tokenizer, accelerator, batch_size: in
         if scored == 0:
             continue
         with accelerator.autocast():
-            loss = mlm_loss(lm, batch)
+            loss = lm_loss(lm, batch)
         total_loss += float(loss) * scored
         total_tokens += scored
     lm.train(was_training)

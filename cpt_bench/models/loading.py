@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cpt_bench.common.deprecation import renamed
 from cpt_bench.common.errors import BadInput
 
 # alias -> "module:function(data_dir)" returning a local model directory (building and caching it if needed;
@@ -151,7 +152,7 @@ def has_dropout(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def mlm_head(model: nn.Module) -> nn.Module:
+def lm_head(model: nn.Module) -> nn.Module:
     """The LM head, mapping hidden states to vocabulary logits: an encoder's MLM head (BERT `cls`, RoBERTa
     `lm_head`, ...) or a decoder's next-token head (GPT-2 and Llama `lm_head`, GPT-NeoX `embed_out`)."""
     for attribute in ("cls", "lm_head", "generator_lm_head", "predictions", "embed_out"):
@@ -161,37 +162,37 @@ def mlm_head(model: nn.Module) -> nn.Module:
     raise BadInput(f"model {type(model).__name__} has no recognised LM head")
 
 
-def encoder(model: nn.Module) -> nn.Module:
-    """The transformer body below the LM head (`model.base_model`; a decoder's too, despite the name)."""
+def lm_body(model: nn.Module) -> nn.Module:
+    """The transformer body below the LM head (`model.base_model`), of an encoder or a decoder."""
     return model.base_model
 
 
 def masked_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The MLM head's logits at the masked positions of `batch` (rows of [masked positions, vocabulary])."""
-    hidden = encoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    return mlm_head(model)(hidden[batch["labels"] != -100])
+    hidden = lm_body(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    return lm_head(model)(hidden[batch["labels"] != -100])
 
 
 @contextlib.contextmanager
 def head_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the MLM head's outputs of the forwards run inside: through `mlm_loss` (the trainer's objective)
+    """Collect the MLM head's outputs of the forwards run inside: through `lm_loss` (the trainer's objective)
     these are the vocabulary logits of the masked positions, in row-major order. Lets a method read the
     student's logits from the objective's own forward, which is the one accelerate/DDP wraps."""
     outputs: list[torch.Tensor] = []
-    handle = mlm_head(model).register_forward_hook(lambda module, args, output: outputs.append(output))
+    handle = lm_head(model).register_forward_hook(lambda module, args, output: outputs.append(output))
     try:
         yield outputs
     finally:
         handle.remove()
 
 
-def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Masked-LM cross-entropy with vocabulary logits computed only at the masked positions.
 
     The same loss as the full-logits computation, at a fraction of the cost: the vocabulary projection
     dominates a small model's step and only ~15% of positions carry a label.
     """
-    return mlm_loss_and_hidden(model, batch)[0]
+    return lm_loss_and_hidden(model, batch)[0]
 
 
 # vocabulary rows of the decoder are padded to a multiple of this on a GPU: tensor-core GEMMs need aligned sizes,
@@ -210,7 +211,7 @@ def vocabulary_logits(model: nn.Module, hidden: torch.Tensor, pad_multiple: int 
     """The MLM head's logits for `hidden` [rows, d]. With `pad_multiple` > 1 the decoder runs with its vocabulary
     rows zero-padded to a multiple of it and the padding's logits are sliced off: the same logits and gradients
     (the padding exists only inside this call and never reaches the loss), from aligned matrix products."""
-    head = mlm_head(model)
+    head = lm_head(model)
     decoder = model.get_output_embeddings()
     weight = getattr(decoder, "weight", None)
     vocab = weight.shape[0] if weight is not None else 0
@@ -229,11 +230,11 @@ def vocabulary_logits(model: nn.Module, hidden: torch.Tensor, pad_multiple: int 
     return torch.func.functional_call(head, swapped, (hidden,))[..., :vocab]
 
 
-def mlm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor], body: Callable | None = None,
+def lm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor], body: Callable | None = None,
                         vocab_pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mlm_loss` and the encoder's last hidden states it was computed from (a method may reuse the pass);
+    """`lm_loss` and the encoder's last hidden states it was computed from (a method may reuse the pass);
     `body` replaces the encoder call (a compiled encoder); `vocab_pad` as `dap.vocab_pad_multiple`."""
-    body = encoder(model) if body is None else body
+    body = lm_body(model) if body is None else body
     labels = batch["labels"].flatten()
     # the one read from the device a masked-logits step needs (how many positions are masked), made before
     # the encoder is queued so that it waits for nothing on a GPU
@@ -248,3 +249,10 @@ def mlm_loss_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor], body: 
     logits = vocabulary_logits(model, hidden.flatten(0, 1).index_select(0, positions),
                                vocab_pad_multiple(vocab_pad, hidden.device))
     return nn.functional.cross_entropy(logits.float(), labels.index_select(0, positions)), hidden
+
+
+# the encoder-era names, for plugins written against them (one release; README, "Words")
+encoder = renamed(lm_body, "encoder")
+mlm_head = renamed(lm_head, "mlm_head")
+mlm_loss = renamed(lm_loss, "mlm_loss")
+mlm_loss_and_hidden = renamed(lm_loss_and_hidden, "mlm_loss_and_hidden")

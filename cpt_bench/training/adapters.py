@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cpt_bench.common.errors import BadInput
-from cpt_bench.models.loading import mlm_head
+from cpt_bench.models.loading import lm_head
 from cpt_bench.training.plugin import Method
 from cpt_bench.training.stage import SequenceState, StageState
 
@@ -84,7 +84,7 @@ class DomainAdapters(Method):
         key = adapter_key(domain)
         trainable = self.adapter_parameters(model, key)
         if self.settings.finetune_mlm_head:
-            trainable += list(mlm_head(model).parameters())  # tied decoder weights: the word embeddings too
+            trainable += list(lm_head(model).parameters())  # tied decoder weights: the word embeddings too
         self._route(model, key, trainable)
         return model  # the evaluator fine-tunes a copy: this model's adapters and backbone stay as they are
 

@@ -21,8 +21,8 @@ import torch
 
 from cpt_bench.common.cache import building, cache_dir, exclusive
 from cpt_bench.common.errors import BadInput
-from cpt_bench.data.batches import endless, masked_loader
-from cpt_bench.models.loading import mlm_loss
+from cpt_bench.data.batches import endless, lm_loader
+from cpt_bench.models.loading import lm_loss
 
 # part of the cache key: bump it with any change of how the head is trained
 HEAD_WARMUP_VERSION = 2
@@ -82,7 +82,7 @@ def _train_head(plan, model, head: dict[str, torch.nn.Parameter], domains: list[
         parameter.requires_grad_(True)
     model.to(device).train()
     generator = torch.Generator().manual_seed(settings.seed)
-    loaders = [iter(endless(masked_loader(plan.data.blocks(d, plan.dap.seq_len), plan.tokenizer,
+    loaders = [iter(endless(lm_loader(plan.data.blocks(d, plan.dap.seq_len), plan.tokenizer,
                                            settings.batch_size, plan.dap.mlm_probability, generator)))
                for d in domains]
     optimizer = torch.optim.AdamW(list(head.values()), lr=settings.lr, weight_decay=0.0)
@@ -93,7 +93,7 @@ def _train_head(plan, model, head: dict[str, torch.nn.Parameter], domains: list[
         try:
             for step in range(settings.steps):
                 batch = {k: v.to(device) for k, v in next(loaders[step % len(loaders)]).items()}
-                loss = mlm_loss(model, batch)
+                loss = lm_loss(model, batch)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

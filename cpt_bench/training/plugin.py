@@ -106,9 +106,9 @@ class Method:
         return [p for p in model.parameters() if p.requires_grad]
 
     def loss(self, stage: StageState, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of one micro-batch: `stage.mlm_loss(batch)` (which logs the term "mlm") plus any
+        """The training loss of one micro-batch: `stage.lm_loss(batch)` (which logs the term "mlm") plus any
         term of the method's own, each logged with `stage.log_term(name, value)`."""
-        return stage.mlm_loss(batch)
+        return stage.lm_loss(batch)
 
     def end_task_model(self, model: nn.Module, domain_index: int) -> nn.Module:
         """The LM fine-tuned for domain `domain_index`'s end task (default: the LM). The evaluator works on a

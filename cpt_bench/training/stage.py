@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ class StageState:
     plan: Stage
     index: int  # the stage's position in the run (0 = first)
     model: nn.Module  # the plain LM (not wrapped)
-    objective: nn.Module | None  # the prepared masked-LM objective (call `mlm_loss`); None before `before_stage`
+    objective: nn.Module | None  # the prepared masked-LM objective (call `lm_loss`); None before `before_stage`
     optimizer: torch.optim.Optimizer | None  # None in `before_stage`, which runs before it is built
     accelerator: Any
     settings: DapSettings
@@ -58,13 +59,20 @@ class StageState:
     def name(self) -> str:
         return self.plan.name
 
-    def mlm_loss(self, batch: dict[str, torch.Tensor], return_hidden: bool = False):
-        """The masked-LM loss of a micro-batch of this stage's data, logged as the term "mlm" (the stage's loss
-        curve); with `return_hidden`, (loss, last hidden states) for a method that reuses the pass. Call it once
-        per micro-batch: it is the forward that accelerate/DDP wraps."""
+    def lm_loss(self, batch: dict[str, torch.Tensor], return_hidden: bool = False):
+        """The LM loss (masked for an encoder, next-token for a decoder) of a micro-batch of this stage's data,
+        logged as the term "mlm" (the stage's loss curve; the name result files have always had); with
+        `return_hidden`, (loss, last hidden states) for a method that reuses the pass. Call it once per
+        micro-batch: it is the forward that accelerate/DDP wraps."""
         out = self.objective(**batch, return_hidden=return_hidden)
         self.log_term("mlm", out[0] if return_hidden else out)
         return out
+
+    def mlm_loss(self, batch: dict[str, torch.Tensor], return_hidden: bool = False):
+        """The encoder-era name of `lm_loss` (one release)."""
+        warnings.warn("StageState.mlm_loss is now lm_loss; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return self.lm_loss(batch, return_hidden)
 
     def log_term(self, name: str, value: torch.Tensor) -> None:
         """Record a named term of this micro-batch's loss (the result file keeps its curve under

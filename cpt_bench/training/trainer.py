@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,15 +17,15 @@ from cpt_bench.common.errors import BadInput, TrainingFailed
 from cpt_bench.common.progress import progress_bar
 from cpt_bench.common.rng import process_rng_state, set_process_rng_state
 from cpt_bench.common.settings import DapSettings
-from cpt_bench.data.batches import endless, masked_loader
-from cpt_bench.models.loading import encoder, mlm_loss_and_hidden
+from cpt_bench.data.batches import endless, lm_loader
+from cpt_bench.models.loading import lm_body, lm_loss_and_hidden
 from cpt_bench.training.checkpoint import StopRequested
 from cpt_bench.training.optim import adamw, stage_schedule
 from cpt_bench.training.plugin import Method
 from cpt_bench.training.stage import Stage, StageState
 
 
-class MaskedLMObjective(nn.Module):
+class LMObjective(nn.Module):
     """Wraps the LM so that the masked-LM loss is its forward: what accelerate/DDP wrap and call.
 
     With `return_hidden` the forward returns (loss, last hidden states), for a method that reuses the pass."""
@@ -35,10 +36,10 @@ class MaskedLMObjective(nn.Module):
         self.vocab_pad_multiple = vocab_pad_multiple
         # a compiled view of the same encoder, kept out of the module tree (no second copy of the parameters in
         # named_parameters or state_dict); the LM itself stays plain for fine-tuning and the methods' own passes
-        object.__setattr__(self, "compiled_encoder", torch.compile(encoder(model)) if compile_encoder else None)
+        object.__setattr__(self, "compiled_encoder", torch.compile(lm_body(model)) if compile_encoder else None)
 
     def forward(self, input_ids, attention_mask, labels, return_hidden: bool = False):
-        loss, hidden = mlm_loss_and_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+        loss, hidden = lm_loss_and_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
                                                         "labels": labels}, body=self.compiled_encoder,
                                            vocab_pad=self.vocab_pad_multiple)
         return (loss, hidden) if return_hidden else loss
@@ -158,7 +159,7 @@ class DapTrainer:
         s, accelerator = self.settings, self.accelerator
         generator = torch.Generator().manual_seed(self.seed * 1000 + stage_index)
         # the suite's batch size is the global batch: n processes take batch_size / n rows each per step
-        loader = masked_loader(blocks, self.tokenizer, per_process_batch_size(s.batch_size, accelerator.num_processes),
+        loader = lm_loader(blocks, self.tokenizer, per_process_batch_size(s.batch_size, accelerator.num_processes),
                                s.mlm_probability, generator, drop_last=len(blocks) >= s.batch_size)
         state = StageState(stage, stage_index, model, None, None, accelerator, s, self.tokenizer, blocks, self.seed)
         self.method.before_stage(state)
@@ -172,7 +173,7 @@ class DapTrainer:
         # the schedule is in optimizer steps of the global batch, the same for any number of processes: it is
         # not handed to accelerate, whose scheduler wrapper steps it once per process per step
         state.objective, state.optimizer, loader = accelerator.prepare(
-            MaskedLMObjective(model, s.compile, s.vocab_pad_multiple), optimizer, loader)
+            LMObjective(model, s.compile, s.vocab_pad_multiple), optimizer, loader)
         return state, scheduler, loader, parameters
 
     def _restore(self, state: StageState, scheduler, resume: dict[str, Any] | None) -> StageProgress:
@@ -306,3 +307,12 @@ def _curve(values: list[float], points: int) -> list[float]:
         return []
     size = math.ceil(len(values) / points)
     return [round(sum(values[i: i + size]) / len(values[i: i + size]), 5) for i in range(0, len(values), size)]
+
+
+class MaskedLMObjective(LMObjective):
+    """The encoder-era name of `LMObjective` (one release)."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn("MaskedLMObjective is now LMObjective; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
