@@ -91,7 +91,7 @@ def run(
     command is run again (checkpoints live in OUTPUT/.work/ until the result file is written)."""
     from cpt_bench.common.atomic import check_writable_folder
     from cpt_bench.data.suite import DEFAULT_SUITE
-    from cpt_bench.running.plan import RunRequest, check_distributed, make_accelerator, plans_by_seed
+    from cpt_bench.running.plan import RunRequest, check_distributed, make_accelerator, plan_data, plans_by_seed
     from cpt_bench.running.runner import execute
     from cpt_bench.training.checkpoint import StopRequested, StopSignal
 
@@ -104,9 +104,10 @@ def run(
         checkpoint_every=checkpoint_every, fresh=fresh, trust_remote_code=trust_remote_code, report_to=report_to,
     )
     check_writable_folder(Path(output), "--output")
-    plans = plans_by_seed(request)
+    loaded: dict = {}  # the data, read once for the accelerator's settings and every seed's plan
+    accelerator = make_accelerator(plan_data(request, loaded))  # options and data checked before the model loads
+    plans = plans_by_seed(request, accelerator, loaded)
     first = next(plans)  # every option checked before any work
-    accelerator = make_accelerator(first[1])
     check_distributed(first[1], accelerator)
     # several processes agree on a stop (any one's signal stops all at the same step) and are checkpointed alike
     with StopSignal().across(accelerator) as stop:
@@ -251,14 +252,13 @@ def audit(
     from cpt_bench.common.atomic import check_writable_file, write_text_atomic
     from cpt_bench.data.audit import table, warnings
     from cpt_bench.data.suite import DEFAULT_SUITE
-    from cpt_bench.running.plan import RunRequest, plan_data
+    from cpt_bench.running.run_data import read_suite_data
 
     _quiet_libraries()
     if output:
         check_writable_file(Path(output), "--output")
-    request = RunRequest(method="naive", suite=suite or DEFAULT_SUITE, data_dir=data_dir, limit=limit,
-                         order=[d.strip() for d in order.split(",")] if order is not None else None)
-    rows = plan_data(request).data.audit
+    rows = read_suite_data(suite or DEFAULT_SUITE, [d.strip() for d in order.split(",")] if order is not None else None,
+                           data_dir, limit).audit
     text = table(rows)
     typer.echo(text)
     for line in warnings(rows):

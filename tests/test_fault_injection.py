@@ -104,7 +104,7 @@ def _result_written_not_renamed(write_json_atomic, path, data) -> None:
 
 
 def _work_folder_half_removed(clear, work, *args, **kwargs) -> None:
-    (work.path / "progress.json").unlink(missing_ok=True)
+    (work.path / "row-measurements.json").unlink(missing_ok=True)
     shutil.rmtree(work.checkpoints()[-1][2])
 
 
@@ -185,23 +185,23 @@ def test_every_checkpoint_damaged_is_one_line_suggesting_fresh(damage, tiny_suit
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed"])
-def test_a_damaged_progress_file_is_set_aside_and_its_measurements_made_again(damage, tiny_suite, tmp_path,
+def test_a_damaged_row_measurements_file_is_set_aside_and_its_measurements_made_again(damage, tiny_suite, tmp_path,
                                                                               monkeypatch, reference_runs):
     from interruptions import crash_at_finetune
 
     reference = reference_runs("naive")
     out = tmp_path / "crashed"
-    crash_at_finetune(monkeypatch, 3)  # inside the first row: progress.json holds its first measurements
+    crash_at_finetune(monkeypatch, 3)  # inside the first row: row-measurements.json holds its first measurements
     with pytest.raises(Crash):
         run_tiny(tiny_suite, out, "naive")
     monkeypatch.undo()
-    (progress,) = out.glob(".work/*/progress.json")
+    (progress,) = out.glob(".work/*/row-measurements.json")
     text = progress.read_bytes()
     progress.write_bytes(text[: len(text) // 2] if damage == "truncated" else
                          text[:20] + b"0" * (len(text) - 40) + text[-20:])
     resumed = run_tiny(tiny_suite, out, "naive")
     assert resumed.exit_code == 0, resumed.output
-    assert "damaged, not used" in resumed.output and "progress.json" in resumed.output
+    assert "damaged, not used" in resumed.output and "row-measurements.json" in resumed.output
     assert_same_result(only_result(out), reference)
 
 
@@ -316,3 +316,19 @@ def test_a_copy_of_a_result_file_is_counted_once(one_result, tmp_path):
     (row,) = json.loads(result.stdout)
     assert row["runs"] == 1 and row["final MF1 n"] == 1
     assert row["final MF1 mean"] == json.loads(one_result.read_text())["metrics"]["final_macro_f1"]
+
+
+def test_a_work_folder_of_the_release_before_keeps_its_row_measurements(tmp_path):
+    """A run interrupted under the previous release left `progress.json` (key "progress"): it is still read, and
+    the next save replaces it with `row-measurements.json`."""
+    from cpt_bench.training.checkpoint import WorkDir
+
+    work = WorkDir(tmp_path / "run")
+    measured = {"row": 1, "evaluations": {"task:cats": {"value": {"macro_f1": 0.5}, "rng": {"python": [1, 2]}}}}
+    work.save_measurements(measured)
+    saved = json.loads(work.measurements_file.read_text())
+    work.measurements_file.unlink()
+    (work.path / "progress.json").write_text(json.dumps({"sha256": saved["sha256"], "progress": saved["measurements"]}))
+    assert WorkDir(tmp_path / "run").load_measurements() == measured
+    work.save_measurements({**measured, "row": 2})
+    assert not (work.path / "progress.json").exists() and work.load_measurements()["row"] == 2

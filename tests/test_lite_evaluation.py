@@ -14,7 +14,7 @@ from cpt_bench.common.errors import BadInput
 from cpt_bench.common.settings import FinetuneSettings, build
 from cpt_bench.data.suite import EndTask, load_suite
 from cpt_bench.data.texts import EndTaskData, EndTaskSplit, read_end_task, stratified_sample
-from cpt_bench.evaluation.evaluator import check_end_task, has_encoder, probe_scores
+from cpt_bench.evaluation.evaluator import check_end_task, has_encoder, linear_probe_scores
 
 from conftest import assert_one_line_error, run_cli, write_jsonl
 
@@ -110,7 +110,7 @@ def probe_task(labels=("a", "b")) -> EndTaskData:
     return EndTaskData("fixture", list(labels), split, split, None, "macro", {}, evaluator="probe")
 
 
-def test_the_probe_scores_a_linearly_separable_fixture_perfectly():
+def test_the_linear_probe_scores_a_linearly_separable_fixture_perfectly():
     generator = torch.Generator().manual_seed(0)
 
     def split(n):
@@ -121,14 +121,15 @@ def test_the_probe_scores_a_linearly_separable_fixture_perfectly():
         return x, labels
 
     (train_x, train_y), (test_x, test_y) = split(80), split(40)
-    scores = probe_scores({"train": train_x, "test": test_x}, {"train": train_y, "test": test_y}, probe_task(), 0)
+    scores = linear_probe_scores({"train": train_x, "test": test_x}, {"train": train_y, "test": test_y},
+                                 probe_task(), 0)
     assert scores["macro_f1"] == 1.0 and scores["accuracy"] == 1.0
 
 
 def test_the_probe_on_constant_features_scores_the_majority_rate():
     features = {"train": torch.ones(30, 4), "dev": torch.ones(10, 4), "test": torch.ones(20, 4)}
     labels = {"train": [0] * 20 + [1] * 10, "dev": [0] * 7 + [1] * 3, "test": [0] * 15 + [1] * 5}
-    scores = probe_scores(features, labels, probe_task(), 0)
+    scores = linear_probe_scores(features, labels, probe_task(), 0)
     assert scores["accuracy"] == 0.75  # the majority class, predicted for every example
     assert scores["macro_f1"] == pytest.approx(2 * 0.75 / 1.75 / 2)  # F1 of the majority class, 0 for the other
 
@@ -226,7 +227,7 @@ def test_the_head_warmup_trains_the_head_alone_and_lowers_the_mlm_loss(tiny_suit
     for name in body:  # the encoder, and the decoder matrix tied to its word embeddings, do not move
         assert torch.equal(before[name], after[name]), name
     assert any(not torch.equal(before[name], after[name]) for name in head)
-    batches = masked_sample(plan.data.blocks("cats", 16), plan.tokenizer, 8, 0.3, 2, torch.Generator().manual_seed(5))
+    batches = masked_sample(plan.blocks("cats", 16), plan.tokenizer, 8, 0.3, 2, torch.Generator().manual_seed(5))
     original.eval(), warmed.eval()
     with torch.no_grad():
         assert sum(float(lm_loss(warmed, b)) for b in batches) < sum(float(lm_loss(original, b)) for b in batches)

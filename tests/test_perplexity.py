@@ -30,11 +30,11 @@ def test_result_has_a_perplexity_row_per_stage(tiny_suite, tmp_path):
 
 
 def test_heldout_texts_are_cut_from_the_corpus(tiny_suite):
-    from cpt_bench.running.plan import LoadedData, RunRequest, plan_run
+    from cpt_bench.running.plan import RunData, RunRequest, plan_run
 
     _with_heldout(tiny_suite, heldout_texts=16)
     plan = plan_run(RunRequest(method="naive", suite=str(tiny_suite), show_progress=False))
-    data: LoadedData = plan.data
+    data: RunData = plan.data
     for domain in ("cats", "dogs"):
         trained, _ = data.corpora[domain]
         heldout, _ = data.heldout[domain]

@@ -36,7 +36,7 @@ def test_crash_between_training_and_evaluation_then_resume(method, crash, tiny_s
     reference = reference_runs(method)
     out = tmp_path / "crashed"
     # after_first_dap: stage 1 trained and checkpointed, nothing evaluated; mid_finetune: first end task scored
-    # (kept in progress.json), probe not yet; otherwise inside the second row
+    # (kept in row-measurements.json), probe not yet; otherwise inside the second row
     number = {"after_first_dap": 1, "mid_finetune": 2}.get(crash, 5)
     resumed = crash_then_resume(tiny_suite, out, method, monkeypatch, lambda: crash_at_finetune(monkeypatch, number))
     assert_same_result(resumed, reference)
@@ -101,7 +101,7 @@ def _wait_for_checkpoint(process, out: Path, pattern: str, timeout: float = 120.
 
 
 @pytest.mark.parametrize("how, where", [("SIGKILL", "ckpt-1-*"), ("SIGTERM", "ckpt-1-*"),
-                                        ("SIGTERM", "progress.json")])
+                                        ("SIGKILL", "row-measurements.json"), ("SIGTERM", "row-measurements.json")])
 def test_killed_process_resumes_to_the_same_result(how, where, tiny_suite, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if "uninterrupted" not in _UNINTERRUPTED:  # the same command for every case (the suite's place does not count)
@@ -111,7 +111,8 @@ def test_killed_process_resumes_to_the_same_result(how, where, tiny_suite, tmp_p
     out = tmp_path / "killed"
     process = subprocess.Popen(_cli(tiny_suite, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    _wait_for_checkpoint(process, out, where)  # inside the second stage, or among the first row's fine-tunes
+    # inside the second stage, or among the first row's fine-tunes (mid-evaluation: one scored, the next running)
+    _wait_for_checkpoint(process, out, where)
     process.send_signal(getattr(signal, how))
     _, stderr = process.communicate(timeout=120)
     assert not list(out.glob("*.json"))

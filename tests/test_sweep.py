@@ -244,20 +244,21 @@ def test_a_run_claims_its_work_directory_while_it_runs(tiny_suite, tmp_path, mon
 def test_a_changed_planning_step_moves_the_sweeps_predicted_file_with_the_runs(tiny_suite, tmp_path, monkeypatch):
     """The sweep predicts each result file with the run's own identity function over the run's own plan: a
     planning step that changes the configuration (here: one more setting applied to every run) moves both."""
-    import cpt_bench.running.plan as planning
+    import dataclasses
+
+    import cpt_bench.running.run_data as planning
     from cpt_bench.common.settings import override
     from cpt_bench.sweeps.grid import load_grid
 
     path = write_grid(tmp_path, tiny_suite, steps=2, eval="final")
     (before,) = load_grid(path).runs
-    original = planning.apply_request_settings
+    original = planning.request_settings
 
-    def with_a_new_step(plan):
-        keys = original(plan)
-        plan.dap = override(plan.dap, "warmup", "0.25", "dap")  # a step planning gained
-        return keys
+    def with_a_new_step(suite, method_cls, request):
+        settings = original(suite, method_cls, request)  # a step planning gained:
+        return dataclasses.replace(settings, dap=override(settings.dap, "warmup", "0.25", "dap"))
 
-    monkeypatch.setattr(planning, "apply_request_settings", with_a_new_step)
+    monkeypatch.setattr(planning, "request_settings", with_a_new_step)
     (after,) = load_grid(path).runs
     assert after.result != before.result  # the configuration changed, so did the file's hash
     out = run_cli("run", *after.command[after.command.index("run") + 1:])

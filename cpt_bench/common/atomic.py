@@ -52,9 +52,9 @@ def check_writable_folder(folder: Path, option: str) -> None:
         raise BadInput(f"{option} {folder}: is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        fd, test_file = tempfile.mkstemp(prefix=".write-test.", dir=folder)
         os.close(fd)
-        os.unlink(probe)
+        os.unlink(test_file)
     except OSError as error:
         raise BadInput(f"{option} {folder}: cannot write into it ({error.strerror or error})") from None
 

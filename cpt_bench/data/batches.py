@@ -158,6 +158,47 @@ def lm_loader(blocks, tokenizer, batch_size: int, mlm_probability: float, genera
                       collate_fn=MaskingCollator(tokenizer, mlm_probability, generator))
 
 
+class Interleaved:
+    """The blocks of several corpora drawn in turn, one batch from each (an equal mixture whatever their sizes;
+    a small corpus is cycled): one stage's data when it should not be one concatenated corpus. One generator
+    draws every corpus's order and masks, as in `lm_loader`."""
+
+    def __init__(self, parts: list):
+        if not parts:
+            raise ValueError("Interleaved needs at least one corpus")
+        self.parts = list(parts)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def batches(self, tokenizer, batch_size: int, mlm_probability: float, generator: torch.Generator,
+                process_index: int = 0, num_processes: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches of `batch_size` rows per process: every process draws the same global batch (same
+        generator) and keeps its own contiguous share of its rows, so n processes train on what one does."""
+        rows = batch_size * num_processes
+        loaders = [iter(endless(lm_loader(part, tokenizer, rows, mlm_probability, generator,
+                                          drop_last=num_processes > 1 and len(part) >= rows)))
+                   for part in self.parts]
+        for step in itertools.count():
+            batch = next(loaders[step % len(loaders)])
+            if num_processes > 1:
+                share = torch.arange(len(batch["input_ids"])).tensor_split(num_processes)[process_index]
+                batch = {key: value[share] for key, value in batch.items()}
+            yield batch
+
+
+def stage_loader(blocks, tokenizer, batch_size: int, mlm_probability: float, generator: torch.Generator,
+                 accelerator) -> Iterable[dict[str, torch.Tensor]]:
+    """What the trainer draws a stage's batches from: `batch_size` rows per process. A corpus's blocks give a
+    shuffled loader for `accelerator.prepare` to shard (the last short batch dropped when the corpus holds a
+    whole one); `Interleaved` blocks share out their own batches (and `prepare` passes them through)."""
+    if isinstance(blocks, Interleaved):
+        return blocks.batches(tokenizer, batch_size, mlm_probability, generator, accelerator.process_index,
+                              accelerator.num_processes)
+    global_batch = batch_size * accelerator.num_processes
+    return lm_loader(blocks, tokenizer, batch_size, mlm_probability, generator, drop_last=len(blocks) >= global_batch)
+
+
 def endless(batches: Iterable) -> Iterator:
     """Iterate a loader again and again (a new order each pass): a small domain is cycled."""
     while True:

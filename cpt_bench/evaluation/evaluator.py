@@ -1,7 +1,7 @@
 """The uniform end-task evaluator: a fresh classification head on a copy of the LM's encoder, fine-tuned
 with the task's settings, model selection on dev when there is one, test macro-F1 and accuracy. A task may
 instead choose `evaluator: probe`: a linear probe on the frozen encoder, much cheaper and not the paper's
-protocol (`probe_scores`)."""
+protocol (`linear_probe_scores`)."""
 
 from __future__ import annotations
 
@@ -160,18 +160,19 @@ def check_end_task(tokenizer, defaults: FinetuneSettings, task: EndTaskData, lm:
 
 
 def has_encoder(lm: nn.Module) -> bool:
-    """Whether the LM's body is a bidirectional encoder (a decoder's causal features are not what the probe pools)."""
+    """Whether the LM's body is a bidirectional encoder (a decoder's causal features are not what the linear
+    probe pools)."""
     return not is_causal_lm(lm) and not getattr(getattr(lm, "config", None), "is_decoder", False) and \
         lm_body(lm) is not lm
 
 
-# the probe's regularisation grid (inverse strength C of scikit-learn's LogisticRegression), chosen on dev
-PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-PROBE_DEV_FRACTION = 0.2  # of train, held out to choose C when the task has no dev split
+# the linear probe's regularisation grid (inverse strength C of scikit-learn's LogisticRegression), chosen on dev
+LINEAR_PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+LINEAR_PROBE_DEV_FRACTION = 0.2  # of train, held out to choose C when the task has no dev split
 
 
-def probe_scores(features: dict[str, torch.Tensor], labels: dict[str, list[int]], task: EndTaskData, seed: int
-                 ) -> dict[str, float]:
+def linear_probe_scores(features: dict[str, torch.Tensor], labels: dict[str, list[int]], task: EndTaskData,
+                        seed: int) -> dict[str, float]:
     """A logistic-regression head on frozen features: C chosen by dev macro-F1 (the smallest C wins ties; with
     no dev split, on a stratified fifth of train, then refitted on all of train), test scores of that model."""
     from sklearn.linear_model import LogisticRegression
@@ -181,7 +182,7 @@ def probe_scores(features: dict[str, torch.Tensor], labels: dict[str, list[int]]
     if "dev" in features:
         fit_x, fit_y, dev_x, dev_y = train_x, train_y, features["dev"].double().numpy(), labels["dev"]
     else:
-        dev_rows = stratified_sample(train_y, max(1, int(PROBE_DEV_FRACTION * len(train_y))), seed)
+        dev_rows = stratified_sample(train_y, max(1, int(LINEAR_PROBE_DEV_FRACTION * len(train_y))), seed)
         held = set(dev_rows)
         fit_rows = [i for i in range(len(train_y)) if i not in held]
         fit_x, fit_y = train_x[fit_rows], [train_y[i] for i in fit_rows]
@@ -196,8 +197,8 @@ def probe_scores(features: dict[str, torch.Tensor], labels: dict[str, list[int]]
         majority = max(set(train_y), key=train_y.count)
         return score([majority] * len(labels["test"]), labels["test"], len(task.label_names), task.average)
     dev_f1 = [score(fitted(fit_x, fit_y, c)(dev_x), dev_y, len(task.label_names), task.average)["macro_f1"]
-              for c in PROBE_C_GRID]
-    best = PROBE_C_GRID[dev_f1.index(max(dev_f1))]
+              for c in LINEAR_PROBE_C_GRID]
+    best = LINEAR_PROBE_C_GRID[dev_f1.index(max(dev_f1))]
     predict = fitted(train_x, train_y, best)
     test = score(predict(features["test"].double().numpy()), labels["test"], len(task.label_names), task.average)
     return {**test, "probe_c": best}
@@ -260,7 +261,7 @@ class EndTaskEvaluator:
         """Fine-tune a copy of `lm` (its encoder with a fresh head, or the whole LM through a prompt) on `task`,
         or fit a linear probe on its frozen features; return test scores."""
         if task.evaluator == "probe":
-            return self.probe(lm, task, seed)
+            return self.linear_probe(lm, task, seed)
         s = task_settings(self.settings, task)
         device = self.accelerator.device
         started = time.perf_counter()
@@ -280,7 +281,7 @@ class EndTaskEvaluator:
         scheduler = linear_schedule(optimizer, int(s.warmup * total), total)
         generator = torch.Generator().manual_seed(seed)
         best_state, best_dev = None, -1.0
-        progress = progress_bar(total, f"fine-tune {task.name}", self.show_progress)
+        bar = progress_bar(total, f"fine-tune {task.name}", self.show_progress)
         for _ in range(s.epochs):
             model.train()
             order = torch.randperm(n, generator=generator)
@@ -295,9 +296,9 @@ class EndTaskEvaluator:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                progress.update(1)
+                bar.update(1)
                 if self.stop is not None and self.stop.requested:
-                    progress.close()
+                    bar.close()
                     raise StopRequested(f"stopped by {self.stop.requested} while fine-tuning {task.name} (its "
                                         f"fine-tune starts over on resume; finished ones are kept)")
             if dev is not None:
@@ -305,7 +306,7 @@ class EndTaskEvaluator:
                 if dev_f1 > best_dev:  # earliest best epoch wins ties
                     best_dev = dev_f1
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        progress.close()
+        bar.close()
         if best_state is not None:
             model.load_state_dict(best_state)
         return {**self._scores(model, test, task), "seconds": round(time.perf_counter() - started, 3)}
@@ -329,14 +330,14 @@ class EndTaskEvaluator:
         body.train(was_training)
         return torch.cat(rows)
 
-    def probe(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
+    def linear_probe(self, lm: nn.Module, task: EndTaskData, seed: int) -> dict[str, float]:
         started = time.perf_counter()
         max_length = task_settings(self.settings, task).max_length
         splits = {which: self._split(task, which, max_length) for which in ("train", "dev", "test")}
         splits = {which: split for which, split in splits.items() if split is not None}
         features = {which: self.features(lm, split) for which, split in splits.items()}
         labels = {which: split["labels"].tolist() for which, split in splits.items()}
-        return {**probe_scores(features, labels, task, seed), "seconds": round(time.perf_counter() - started, 3)}
+        return {**linear_probe_scores(features, labels, task, seed), "seconds": round(time.perf_counter() - started, 3)}
 
     @torch.no_grad()
     def _scores(self, model: nn.Module, split: dict[str, torch.Tensor], task: EndTaskData) -> dict[str, float]:

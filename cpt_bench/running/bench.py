@@ -90,7 +90,7 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     plan = plan_for(request, kind)
     accelerator = make_accelerator(plan)
     domain = plan.domains[0]
-    blocks = plan.data.blocks(domain, plan.dap.seq_len)
+    blocks = plan.blocks(domain)
     settings = dataclasses.replace(plan.dap, steps=request.steps + WARMUP_STEPS)
     model = copy.deepcopy(plan.original_model).to(accelerator.device)
     tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
@@ -99,7 +99,7 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
     if split_kind(kind)[0] == "hf_trainer":
         with _profiled(request.profile, accelerator.device, extra):
             stamps = _hf_trainer_steps(model, plan.tokenizer, blocks, settings, accelerator.device,
-                                       causal=plan.data.causal)
+                                       causal=plan.causal)
     else:
         method = plan.method_cls(plan.method_settings)
         original_step = method.after_optimizer_step
@@ -133,7 +133,7 @@ def measure(kind: str, request: BenchRequest) -> dict[str, Any]:
         # buffer, a teacher) runs as it does from the second domain of a sequence on
         earlier = plan.domains[1] if len(plan.domains) > 1 else domain
         DapTrainer(accelerator, plan.tokenizer, dataclasses.replace(settings, steps=1), method, seed=0,
-                   show_progress=False).train_stage(model, plan.data.blocks(earlier, settings.seq_len),
+                   show_progress=False).train_stage(model, plan.blocks(earlier, settings.seq_len),
                                                     Stage(earlier, [earlier]), stage_index=0)
         stamps.clear()
         trainer = DapTrainer(accelerator, plan.tokenizer, settings, method, seed=0, show_progress=False)

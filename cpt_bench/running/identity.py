@@ -1,8 +1,9 @@
 """A run's identity: its configuration (everything that makes two runs the same run), the configuration's hash
-and the result file's path. `cpt-bench run` (runner.SeedRun) and `cpt-bench sweep` (sweep.load_grid, which
-must know every run's result file before it starts any) both call `run_key` on a plan made by the same
-`plan.plan_data`, so a sweep's predicted file is the run's file by construction: a step added to planning moves
-both. The configuration needs the data (the end tasks' fingerprint) but no model."""
+and the result file's path. `cpt-bench run` (runner.SeedRun) and `cpt-bench sweep` (sweeps.grid, which must
+know every run's result file before it starts any) both call `run_key` on a data plan made by the same
+`run_data.plan_data` (a `plan.RunPlan` is one, with its model), so a sweep's predicted file is the run's file
+by construction: a step added to planning moves both. The configuration needs the data (the end tasks'
+fingerprint) but no model."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt_bench.common.settings import DataSettings, as_dict, hashed_dap_settings
-
-RunPlan = Any  # a plan.RunPlan (plan.py imports this module: the identity sits below planning)
+from cpt_bench.running.run_data import DataPlan
 
 ORDER_IN_NAME_MAX = 60  # a longer domain order is hashed in the file name (file systems cap names at 255 bytes)
 
@@ -33,7 +33,7 @@ class RunKey:
         return self.result_path.stem
 
 
-def run_configuration(plan: RunPlan, seed: int) -> dict[str, Any]:
+def run_configuration(plan: DataPlan, seed: int) -> dict[str, Any]:
     """Everything that makes two runs the same run (hashed into the result file's name)."""
     configuration = {
         "method": plan.method_cls.name, "method_config": as_dict(plan.method_settings), "suite": plan.suite.name,
@@ -45,7 +45,7 @@ def run_configuration(plan: RunPlan, seed: int) -> dict[str, Any]:
     return configuration
 
 
-def run_key(plan: RunPlan, seed: int) -> RunKey:
+def run_key(plan: DataPlan, seed: int) -> RunKey:
     """The identity of one seed of a plan: one file per (method, order, seed) in the request's output folder; a
     different configuration gets a different file."""
     configuration = run_configuration(plan, seed)

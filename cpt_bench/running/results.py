@@ -114,7 +114,7 @@ def write_artifacts(result_path: Path, artifacts: dict[str, dict[str, Any]]) -> 
 # ---------------------------------------------------------------- a run's measurements and its result file
 
 @dataclasses.dataclass
-class RunProgress:
+class RunMeasurements:
     """What a run has measured so far, laid out as in the result file. Every checkpoint keeps it, so a resumed
     run continues it."""
 
@@ -159,7 +159,7 @@ class RunIdentity:
     model: str
 
 
-def build_result(identity: RunIdentity, progress: RunProgress, base_scores: dict[str, dict[str, Any]],
+def build_result(identity: RunIdentity, measured: RunMeasurements, base_scores: dict[str, dict[str, Any]],
                  stage_names: list[str], square: bool, truncated_examples: dict[str, dict[str, int]],
                  details: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
     """The result file (CONTRACT.md; `result.schema.json`) of a finished run. `base_scores` are the original
@@ -168,7 +168,7 @@ def build_result(identity: RunIdentity, progress: RunProgress, base_scores: dict
     `finetune_seconds` (wall time, overhead, method summary, settings)."""
     domains = identity.domains
     base = {metric: [base_scores[d][metric] for d in domains] for metric in MATRICES}
-    matrices = progress.matrices if stage_names else {k: [list(v)] for k, v in base.items()}  # `base`: one row
+    matrices = measured.matrices if stage_names else {k: [list(v)] for k, v in base.items()}  # `base`: one row
     return {
         "schema": SCHEMA,
         **dataclasses.asdict(identity),
@@ -176,15 +176,15 @@ def build_result(identity: RunIdentity, progress: RunProgress, base_scores: dict
         "matrix_rows": stage_names or ["base"],
         "base": base,
         "metrics": metrics_block(matrices, base, square),
-        "probes": progress.probes,
-        "perplexity": progress.perplexity,
-        "stages": progress.stage_records,
+        "probes": measured.probes,
+        "perplexity": measured.perplexity,
+        "stages": measured.stage_records,
         # DAP tokens trained on, and the approximate FLOPs of every pass made for them (cpt_bench/models/compute.py)
-        "compute": {"tokens": sum(int(s.get("tokens", 0)) for s in progress.stage_records),
-                    "flops": float(progress.flops)},
+        "compute": {"tokens": sum(int(s.get("tokens", 0)) for s in measured.stage_records),
+                    "flops": float(measured.flops)},
         "truncated_examples": truncated_examples,
         # wall seconds of each fine-tune (same layout as matrix)
-        "finetune_seconds": {**progress.finetune_seconds, "base": [base_scores[d].get("seconds") for d in domains]},
+        "finetune_seconds": {**measured.finetune_seconds, "base": [base_scores[d].get("seconds") for d in domains]},
         **details,
         "provenance": provenance,
     }

@@ -29,10 +29,10 @@ from cpt_bench.evaluation.metrics import MATRICES
 from cpt_bench.evaluation.perplexity import heldout_scores
 from cpt_bench.models.compute import ComputeCounter
 from cpt_bench.running.identity import run_configuration, run_key  # noqa: F401 - run_configuration re-exported
-from cpt_bench.running.plan import LoadedData, RunPlan
+from cpt_bench.running.plan import RunPlan
 from cpt_bench.running.results import (
     RunIdentity,
-    RunProgress,
+    RunMeasurements,
     build_result,
     command_line,
     git_commit,
@@ -80,16 +80,16 @@ class SeedRun:
         # several processes: each reads the checkpoints, the main process alone writes them
         self.work = WorkDir(Path(plan.request.output) / ".work" / self.path.stem, enabled=plan.request.resume,
                             writer=accelerator.is_main_process)
-        self.progress: RunProgress | None = None
+        self.measured: RunMeasurements | None = None
         self.segment_started = 0.0  # perf_counter when this process took the run over
 
     def execute(self) -> RunOutput:
         checkpoint = self.prepare()
         self.start_or_resume(checkpoint)
         for index, stage in enumerate(self.stages):
-            if index < self.progress.rows_done:
+            if index < self.measured.rows_done:
                 continue  # trained and evaluated before an interruption
-            if index >= len(self.progress.stage_records):  # else: trained before an interruption
+            if index >= len(self.measured.stage_records):  # else: trained before an interruption
                 resume = checkpoint.saved.training if checkpoint and isinstance(checkpoint.saved, MidStage) else None
                 self.train(index, stage, resume)
                 checkpoint = None
@@ -118,7 +118,7 @@ class SeedRun:
         plan = self.plan
         self.model = copy.deepcopy(plan.original_model).to(self.accelerator.device)
         self.evaluator = EndTaskEvaluator(self.accelerator, plan.tokenizer, plan.finetune, plan.request.show_progress,
-                                          causal=plan.data.causal)
+                                          causal=plan.causal)
         self.evaluator.stop = self.stop
         self.take_lock()  # first: --fresh must not delete what a running identical run is writing
         if plan.request.fresh:
@@ -150,30 +150,30 @@ class SeedRun:
                            f"{self.work.lock_file}): wait for it to finish, or give another --output")
 
     def start_or_resume(self, checkpoint: Resumed | None) -> None:
-        """A fresh progress (and the original model's perplexities), or the checkpoint's; then the method's
+        """Fresh measurements (and the original model's perplexities), or the checkpoint's; then the method's
         `before_sequence`, and on resume its state and the LM's weights (plugin.py, "Resume")."""
         plan, data = self.plan, self.plan.data
         if checkpoint is None:
             corpora = perplexity_corpora(plan)
             base = [self.perplexity(self.model, c) for c in corpora]
-            self.progress = RunProgress(
+            self.measured = RunMeasurements(
                 matrices={metric: [] for metric in MATRICES},
                 probes={p.name: {"base": self.base_scores[p.name]["macro_f1"], "stages": []} for p in data.probes},
                 perplexity={"corpora": corpora, "blocks": plan.suite.perplexity.blocks,
                             "heldout": {name: data.heldout_notes.get(name, "file") for name in corpora}
                             | {name: note for name, note in data.heldout_notes.items() if name not in corpora},
-                            "objective": "causal" if data.causal else "masked",
+                            "objective": "causal" if plan.causal else "masked",
                             "base": [ppl for ppl, _ in base], "stages": [],
                             "bits_per_byte": {"base": [bpb for _, bpb in base], "stages": []}},
                 stage_records=[], finetune_seconds={"matrix": [], "probes": {p.name: [] for p in data.probes}},
                 learned=[], started=self.started.isoformat(), git_commit=git_commit())
         else:
-            self.progress = RunProgress(**checkpoint.saved.run)
-            self.started = datetime.datetime.fromisoformat(self.progress.started)
+            self.measured = RunMeasurements(**checkpoint.saved.run)
+            self.started = datetime.datetime.fromisoformat(self.measured.started)
             print(f"resuming {self.path.name} from stage {checkpoint.stage + 1} step {checkpoint.step} "
                   f"({self.work.path})", file=sys.stderr, flush=True)
         self.segment_started = time.perf_counter()
-        self.compute = ComputeCounter(self.progress.flops)  # counts DAP's passes, not the evaluations'
+        self.compute = ComputeCounter(self.measured.flops)  # counts DAP's passes, not the evaluations'
         self.trainer = DapTrainer(self.accelerator, plan.tokenizer, plan.dap, self.method, self.seed,
                                   plan.request.show_progress)
         self.tracker = RunTracker(self.accelerator, self.path.stem, self.configuration(),
@@ -182,7 +182,7 @@ class SeedRun:
         with self.compute.counting():
             self.method.before_sequence(SequenceState(self.model, plan.tokenizer, self.accelerator, plan.domains,
                                                       self.seed, [task.train.texts for task in data.tasks],
-                                                      functools.partial(data.blocks, seq_len=plan.dap.seq_len)))
+                                                      plan.blocks))
         if checkpoint is None:
             return
         try:
@@ -201,21 +201,21 @@ class SeedRun:
         checkpointing = Checkpointing(functools.partial(self.save_mid_stage_checkpoint, index),
                                       plan.request.checkpoint_every if self.work.enabled else 0, self.stop, resume)
         with self.compute.counting():
-            record = self.trainer.train_stage(self.model, stage_blocks(plan.data, stage.corpora, plan.dap.seq_len),
+            record = self.trainer.train_stage(self.model, stage_blocks(plan, stage.corpora),
                                               stage, index, checkpointing)
         entry = dataclasses.asdict(record)
         if plan.dap.optimizer_state == "carry":  # whether the stage started from the previous stage's moments
             entry["optimizer_state"] = "carried" if self.trainer.carried_into_stage else "reset"
-        self.progress.stage_records.append(entry)
-        self.progress.learned = sorted({*self.progress.learned, *self.trained_by(stage)})
+        self.measured.stage_records.append(entry)
+        self.measured.learned = sorted({*self.measured.learned, *self.trained_by(stage)})
         self.save_checkpoint(index)
 
     def evaluate_row(self, index: int, stage: Stage) -> None:
         """Row `index` of the matrix: the end tasks the schedule (and the method) asks for, the probes, the
-        held-out perplexities. Each measurement is kept in progress.json as it finishes."""
+        held-out perplexities. Each measurement is kept in row-measurements.json as it finishes."""
         plan = self.plan
         last = index == len(self.stages) - 1
-        scheduled = self.progress.learned if plan.request.eval == "full" or last else sorted(self.trained_by(stage))
+        scheduled = self.measured.learned if plan.request.eval == "full" or last else sorted(self.trained_by(stage))
         measure = RowMeasurements(self.work, index, stage.name, self.stop, self.accelerator)
         scores: list[dict[str, Any] | None] = [None] * len(plan.domains)
         for domain in self.method.end_tasks_to_evaluate(index, list(scheduled)):
@@ -224,11 +224,11 @@ class SeedRun:
         probes = {probe.name: measure(f"probe:{probe.name}", functools.partial(self.probe_scores, probe))
                   for probe in plan.data.probes}
         perplexities = measure("perplexity", self.perplexity_row)
-        self.progress.add_row(scores, probes, perplexities)
+        self.measured.add_row(scores, probes, perplexities)
         logged = {f"eval/{plan.data.tasks[j].name}/macro_f1": s["macro_f1"] for j, s in enumerate(scores) if s}
         logged |= {f"probe/{name}/macro_f1": probe["macro_f1"] for name, probe in probes.items()}
         logged |= {f"perplexity/{corpus}": ppl
-                   for corpus, (ppl, _) in zip(self.progress.perplexity["corpora"], perplexities)}
+                   for corpus, (ppl, _) in zip(self.measured.perplexity["corpora"], perplexities)}
         self.tracker.stage(index, logged)
 
     def end_task_scores(self, domain: int) -> dict[str, Any]:
@@ -242,23 +242,23 @@ class SeedRun:
     def perplexity_row(self) -> list[tuple[float, float]]:
         """Every held-out corpus's (perplexity, bits per byte): a learned domain's with the LM the method
         fine-tunes for it, any other corpus's with the method's general LM."""
-        domains, learned = self.plan.domains, self.progress.learned
+        domains, learned = self.plan.domains, self.measured.learned
         return [self.perplexity(self.method.end_task_model(self.model, domains.index(corpus))
                                 if corpus in domains and domains.index(corpus) in learned
                                 else self.method.probe_model(self.model), corpus)
-                for corpus in self.progress.perplexity["corpora"]]
+                for corpus in self.measured.perplexity["corpora"]]
 
     def save_mid_stage_checkpoint(self, index: int, step: int, training: dict[str, Any]) -> None:
-        self.work.save_checkpoint(index, step, MidStage(self.progress_state(), self.method.state_dict(), training))
+        self.work.save_checkpoint(index, step, MidStage(self.measured_state(), self.method.state_dict(), training))
 
     def save_checkpoint(self, index: int) -> None:
-        self.work.save_checkpoint(index, self.progress.stage_records[-1]["steps"], StageEnd(
-            self.progress_state(), self.method.state_dict(), self.model.state_dict(),
+        self.work.save_checkpoint(index, self.measured.stage_records[-1]["steps"], StageEnd(
+            self.measured_state(), self.method.state_dict(), self.model.state_dict(),
             process_rng_state(self.accelerator), self.trainer.state_dict()))
 
-    def progress_state(self) -> dict[str, Any]:
-        """The progress as a checkpoint keeps it (the wall time so far included)."""
-        return dataclasses.asdict(dataclasses.replace(self.progress, wall_before=self.wall_seconds(),
+    def measured_state(self) -> dict[str, Any]:
+        """The measurements as a checkpoint keeps them (the wall time so far included)."""
+        return dataclasses.asdict(dataclasses.replace(self.measured, wall_before=self.wall_seconds(),
                                                       flops=self.compute.flops))
 
     def trained_by(self, stage: Stage) -> set[int]:
@@ -266,13 +266,13 @@ class SeedRun:
 
     def perplexity(self, lm: torch.nn.Module, corpus: str) -> tuple[float, float]:
         plan = self.plan
-        blocks = plan.data.heldout_blocks(corpus, plan.dap.seq_len, plan.suite.perplexity.blocks)
+        blocks = plan.heldout_blocks(corpus)
         perplexity, bits_per_byte = heldout_scores(lm, blocks, plan.tokenizer, self.accelerator,
                                                    plan.dap.batch_size, plan.dap.mlm_probability)
         return round(perplexity, 5), round(bits_per_byte, 5)
 
     def wall_seconds(self) -> float:
-        return self.progress.wall_before + time.perf_counter() - self.segment_started
+        return self.measured.wall_before + time.perf_counter() - self.segment_started
 
     # ---- the result
     def result(self) -> dict[str, Any]:
@@ -295,7 +295,7 @@ class SeedRun:
         if plan.head_warmup is not None:
             details["settings"]["head_warmup"] = plan.head_warmup
         finished = datetime.datetime.now(datetime.timezone.utc)
-        provenance = {"git_commit": self.progress.git_commit, "versions": versions(),
+        provenance = {"git_commit": self.measured.git_commit, "versions": versions(),
                       "started": self.started.isoformat(), "finished": finished.isoformat(),
                       "device": describe_device(self.accelerator), "command": command_line(),
                       "config_hash": self.key.config_hash, "contamination": plan.data.contamination()}
@@ -303,22 +303,22 @@ class SeedRun:
             # which generated language and base LM (both from the suite seed; "run": the run's seed)
             provenance["generated_data"] = {"generator": plan.suite.generator.name, "folder": plan.data_dir.name,
                                             "suite_seed": plan.suite.generator.seed_for(self.seed)}
-        if git_commit() != self.progress.git_commit:  # the tree changed while the run ran, or between crash and resume
+        if git_commit() != self.measured.git_commit:  # the tree changed while the run ran, or between crash and resume
             provenance["git_commit_at_finish"] = git_commit()
-        self.progress.flops = self.compute.flops
-        return build_result(identity, self.progress, {t.name: self.base_scores[t.name] for t in plan.data.tasks},
+        self.measured.flops = self.compute.flops
+        return build_result(identity, self.measured, {t.name: self.base_scores[t.name] for t in plan.data.tasks},
                             [s.name for s in self.stages], square, self.evaluator.truncated, details, provenance)
 
 
 class RowMeasurements:
-    """The measurements of one row of the matrix, each replayed from progress.json if an interrupted process
+    """The measurements of one row of the matrix, each replayed from row-measurements.json if an interrupted process
     made it already (with the random state after it), else made and saved there."""
 
     def __init__(self, work: WorkDir, row: int, stage_name: str, stop: StopSignal, accelerator=None):
         self.work, self.row, self.stage_name, self.stop = work, row, stage_name, stop
         self.accelerator = accelerator
-        progress = work.load_progress()
-        self.done = dict(progress["evaluations"]) if progress and progress.get("row") == row else {}
+        measured = work.load_measurements()
+        self.done = dict(measured["evaluations"]) if measured and measured.get("row") == row else {}
 
     def __call__(self, key: str, compute: Callable[[], Any]) -> Any:
         if key in self.done:
@@ -328,7 +328,7 @@ class RowMeasurements:
             raise StopRequested(f"stopped by {self.stop.requested} while evaluating after stage {self.stage_name!r}")
         value = compute()
         self.done[key] = {"value": value, "rng": process_rng_state(self.accelerator, as_json=True)}
-        self.work.save_progress({"row": self.row, "evaluations": self.done})
+        self.work.save_measurements({"row": self.row, "evaluations": self.done})
         return value
 
 
@@ -338,10 +338,10 @@ def perplexity_corpora(plan: RunPlan) -> list[str]:
     return [c for c in plan.domains if c in heldout] + [c for c in heldout if c not in plan.domains]
 
 
-def stage_blocks(data: LoadedData, corpora: list[str], seq_len: int):
+def stage_blocks(plan: RunPlan, corpora: list[str]):
     import datasets
 
-    parts = [data.blocks(c, seq_len) for c in corpora]
+    parts = [plan.blocks(c) for c in corpora]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 

@@ -128,12 +128,12 @@ def load_grid(path: str | Path) -> Grid:
         raise BadInput(f"grid file {path}: seeds must be integers, got {seeds}")
     common = {str(k): _set_value(v) for k, v in (spec.get("set") or {}).items()}
     suite = str(spec.get("suite") or _default_suite())
-    runs, planner = [], ResultPlanner()
+    runs, result_files = [], ResultFiles()
     for (method, variant, settings) in variants:
         for order in orders:
             for seed in seeds:
                 run = _grid_run(spec, suite, method, variant, {**common, **settings}, order, seed, output, resources)
-                run.result = planner.result_path(run, spec, suite)
+                run.result = result_files.result_path(run, spec, suite)
                 runs.append(run)
     _refuse_duplicates(runs, path)
     return Grid(source, suite, runs, output, resources, report)
@@ -247,7 +247,7 @@ def _grid_run(spec: dict[str, Any], suite: str, method: str, variant: str, setti
     return GridRun(label, method, settings, order or "", seed, [*launcher, "run", *options], Path())
 
 
-class ResultPlanner:
+class ResultFiles:
     """The result file each run will write, known before any run starts: `identity.run_key` of the plan that
     `cpt-bench run` itself makes without its model (`plan.plan_data`), so the two cannot disagree. The data is
     read once per (suite, order, language seed, data options), not once per run."""

@@ -2,8 +2,8 @@
 
 A run writes `<output>/.work/<result stem>/`:
 
-- `progress.json`: everything already measured (matrix rows, probe and perplexity rows, stage records, the
-  end-task scores of a row being evaluated, each with the RNG state after it);
+- `row-measurements.json`: the measurements of the row being evaluated (end-task, probe and perplexity scores),
+  each with the RNG state after it (a work folder of the release before names it `progress.json`);
 - `ckpt-<stage>-<step>/`: the two newest checkpoints, each with `state.safetensors` (every tensor: model,
   optimizer, method state, RNG states), `state.json` (everything else, with references into the tensor file)
   and `manifest.json` (the size and SHA-256 of both). `step` = the stage's step count, so `ckpt-2-150` of a
@@ -14,7 +14,7 @@ Checkpoints load with safetensors and JSON only (never pickle), and only after t
 a damaged checkpoint (truncated, or overwritten in place at the same size) is never resumed from; the one
 before it is, and with none left the run stops with one line. Each is written under a temporary name and
 renamed when complete, and older ones are removed after it, so a crash at any moment leaves a usable one.
-progress.json carries the SHA-256 of its content too: a damaged one is set aside (its measurements are made
+row-measurements.json carries the SHA-256 of its content too: a damaged one is set aside (its measurements are made
 again, from the checkpoint's random state, to the same values). The work directory is removed once the result
 file is written.
 """
@@ -44,7 +44,7 @@ KEPT_CHECKPOINTS = 2  # the newest, and the one to fall back to if the newest tu
 
 
 class DamagedState(ValueError):
-    """A checkpoint or progress file whose content does not match its recorded checksum (or does not parse)."""
+    """A checkpoint or row-measurements file whose content does not match its recorded checksum (or does not parse)."""
 
 
 # ---------------------------------------------------------------- nested state <-> safetensors + JSON
@@ -203,8 +203,8 @@ class WorkDir:
         self._lock = None
 
     @property
-    def progress_file(self) -> Path:
-        return self.path / "progress.json"
+    def measurements_file(self) -> Path:
+        return self.path / "row-measurements.json"
 
     def clear(self, release_lock: bool = True) -> None:
         """Remove the work folder (and, unless told not to, the run's lock: the run is over)."""
@@ -254,31 +254,34 @@ class WorkDir:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path / "owner.json", {"host": socket.gethostname(), "pid": os.getpid()})
 
-    def load_progress(self) -> dict[str, Any] | None:
+    def load_measurements(self) -> dict[str, Any] | None:
         """The measurements of the row being evaluated; None when there are none, or when the file is damaged
         (then they are made again: each starts from the random state the checkpoint or the previous one left)."""
-        if not self.enabled or not self.progress_file.is_file():
+        path = self.measurements_file
+        if self.enabled and not path.is_file() and (self.path / "progress.json").is_file():
+            path = self.path / "progress.json"  # the file's name in a work folder of the release before
+        if not self.enabled or not path.is_file():
             return None
         try:
-            saved = json.loads(self.progress_file.read_text(encoding="utf-8"))
-            content = saved["progress"]
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            content = saved["measurements"] if "measurements" in saved else saved["progress"]
             if saved["sha256"] != _json_sha256(content):
                 raise DamagedState("content does not match its SHA-256")
         except (OSError, ValueError, KeyError, TypeError) as error:
-            self._pass_over(f"{self.progress_file} ({str(error).splitlines()[0][:80]}): its measurements are "
-                            "made again")
+            self._pass_over(f"{path} ({str(error).splitlines()[0][:80]}): its measurements are made again")
             return None
         return unflatten(content, {})
 
-    def save_progress(self, progress: dict[str, Any]) -> None:
+    def save_measurements(self, measurements: dict[str, Any]) -> None:
         if not self.enabled or not self.writer:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = flatten(progress, tensors)
+        skeleton = flatten(measurements, tensors)
         if tensors:
-            raise TypeError("progress.json holds no tensors (put them in a checkpoint)")
-        write_json_atomic(self.progress_file, {"sha256": _json_sha256(skeleton), "progress": skeleton})
+            raise TypeError(f"{self.measurements_file.name} holds no tensors (put them in a checkpoint)")
+        write_json_atomic(self.measurements_file, {"sha256": _json_sha256(skeleton), "measurements": skeleton})
+        (self.path / "progress.json").unlink(missing_ok=True)  # an older release's file, superseded
 
     def _pass_over(self, what: str) -> None:
         if what not in self.damaged:
@@ -328,7 +331,7 @@ class StageEnd:
     """Saved once a stage is trained and again once its row is evaluated: the run resumes with the next row or
     stage, from these weights."""
 
-    run: dict[str, Any]  # the run's progress (results.RunProgress as a dict)
+    run: dict[str, Any]  # what the run has measured so far (results.RunMeasurements as a dict)
     method: dict[str, Any]  # Method.state_dict()
     model: dict[str, torch.Tensor]
     rng: dict[str, Any]  # every process-wide random state (rng.process_rng_state)

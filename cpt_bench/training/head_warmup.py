@@ -10,19 +10,24 @@ method and seed starts from the same warmed model."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from cpt_bench.common.cache import building, cache_dir, exclusive
 from cpt_bench.common.errors import BadInput
-from cpt_bench.data.batches import endless, lm_loader
-from cpt_bench.models.loading import lm_loss
+from cpt_bench.common.settings import DapSettings
+from cpt_bench.data.batches import Interleaved
+from cpt_bench.data.suite import HeadWarmup
+from cpt_bench.training.plugin import Method
+from cpt_bench.training.stage import Stage
 
 # part of the cache key: bump it with any change of how the head is trained
 HEAD_WARMUP_VERSION = 2
@@ -35,30 +40,78 @@ def head_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if not name.startswith(prefix)}
 
 
-def warm_head(plan, checkpoint_fingerprint: str) -> dict[str, Any] | None:
-    """Warm the head of `plan.original_model` (whose weights hash to `checkpoint_fingerprint`) in place: trained
-    once, then read from the cache. Returns what the result file records of it, or None when the suite asks
-    for no warm-up."""
-    settings = plan.suite.head_warmup
+class HeadOnly(Method):
+    """The head warm-up as a method: the LM head's parameters trained alone (the body frozen, its dropout
+    still on, as in DAP) through the shared trainer; `before_stage` freezes, `after_stage` restores."""
+
+    name = "head-warmup"
+    description = "trains the LM head alone, body frozen (the head warm-up; not a method to compare)"
+    trains_lm = False  # not a DAP method: registered nowhere, run only by `warm_head`
+
+    def __init__(self):
+        super().__init__()
+        self.losses: list[float] = []
+        self._trainable: dict[torch.nn.Parameter, bool] = {}
+
+    def before_stage(self, stage) -> None:
+        self._trainable = {p: p.requires_grad for p in stage.model.parameters()}
+        for parameter in stage.model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in head_parameters(stage.model).values():
+            parameter.requires_grad_(True)
+
+    def after_optimizer_step(self, stage) -> None:
+        self.losses.append(stage.terms["mlm"])  # a number by now: the trainer read the step's terms
+
+    def after_stage(self, stage) -> None:
+        for parameter, was in self._trainable.items():
+            parameter.requires_grad_(was)
+
+
+def plain_adamw(parameters, named, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """One group, torch's default AdamW kernel: how the cached heads were trained (the fused kernel of DAP's
+    `optim.adamw` rounds differently, and would change every warmed head)."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+
+
+def warm_head(model: torch.nn.Module, tokenizer, accelerator, settings: HeadWarmup | None, corpora: dict[str, Any],
+              blocks: Callable[[str], Any], dap: DapSettings, checkpoint_fingerprint: str,
+              where: str) -> dict[str, Any] | None:
+    """Warm the head of `model` (whose weights hash to `checkpoint_fingerprint`) in place: trained once through
+    the shared trainer, then read from the cache. `corpora`: each DAP corpus's texts by domain (the cache key);
+    `blocks(domain)`: its blocks. Every process takes part (the main process decides whether the cache holds
+    the head, and saves it). Returns what the result file records of it, or None when the suite asks for none."""
     if settings is None:
         return None
-    model = plan.original_model
-    if plan.data.causal:
-        raise BadInput(f"suite {plan.suite.name!r}: head_warmup is for a masked LM whose checkpoint lacks its MLM "
-                       f"head; model {plan.model_name!r} is a decoder")
     head = head_parameters(model)
     if not head:
-        raise BadInput(f"suite {plan.suite.name!r}: head_warmup: model {plan.model_name!r} has no parameters "
-                       "outside its transformer body to warm")
-    domains = sorted(plan.domains)  # the same warmed head whatever the order of the run's domains
-    corpora = hashlib.sha256(json.dumps([plan.data.corpora[d][0] for d in domains]).encode()).hexdigest()
-    key = hashlib.sha256(json.dumps([HEAD_WARMUP_VERSION, checkpoint_fingerprint, domains, corpora, plan.dap.seq_len,
-                                     plan.dap.mlm_probability, dataclasses.asdict(settings)]).encode()).hexdigest()
+        raise BadInput(f"{where}: head_warmup: the model has no parameters outside its transformer body to warm")
+    domains = sorted(corpora)  # the same warmed head whatever the order of the run's domains
+    texts = hashlib.sha256(json.dumps([corpora[d] for d in domains]).encode()).hexdigest()
+    parts = [HEAD_WARMUP_VERSION, checkpoint_fingerprint, domains, texts, dap.seq_len, dap.mlm_probability,
+             dataclasses.asdict(settings)]
+    # trained by several processes or at a lower precision, a head rounds differently: another cache entry
+    if accelerator.num_processes > 1 or accelerator.mixed_precision != "no":
+        parts.append([accelerator.num_processes, accelerator.mixed_precision])
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     path = cache_dir() / "heads" / key[:16]
-    if not (path / "COMPLETE").exists():
-        with exclusive(path):
-            if not (path / "COMPLETE").exists():  # another process may have trained it while this one waited
-                _train_head(plan, model, head, domains, settings, path)
+    with contextlib.ExitStack() as held:
+        cached = [(path / "COMPLETE").exists()]
+        if not cached[0] and accelerator.is_main_process:
+            held.enter_context(exclusive(path))  # concurrent runs train it once
+            cached = [(path / "COMPLETE").exists()]  # another run may have trained it while this one waited
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            cached = broadcast_object_list(cached)
+        if not cached[0]:
+            from accelerate.utils import DistributedType
+
+            if accelerator.distributed_type == DistributedType.FSDP:  # sharding would take the model apart
+                raise BadInput(f"{where}: head_warmup cannot train under FSDP; run once without it (the warmed "
+                               f"head is cached, and an FSDP run then reads it)")
+            _train_head(model, tokenizer, accelerator, settings, domains, blocks, dap, path)
+    accelerator.wait_for_everyone()
     from safetensors.torch import load_file
 
     trained = load_file(str(path / "head.safetensors"))
@@ -69,43 +122,35 @@ def warm_head(plan, checkpoint_fingerprint: str) -> dict[str, Any] | None:
     return {**dataclasses.asdict(settings), "domains": domains, "final_loss": record["final_loss"]}
 
 
-def _train_head(plan, model, head: dict[str, torch.nn.Parameter], domains: list[str], settings, path) -> None:
+def _train_head(model, tokenizer, accelerator, settings: HeadWarmup, domains: list[str], blocks, dap: DapSettings,
+                path) -> None:
     from safetensors.torch import save_file
 
-    print(f"warming the MLM head of {plan.model_name!r} ({settings.steps} steps, encoder frozen, on "
-          f"{', '.join(domains)}; once, cached in {path.parent})", file=sys.stderr, flush=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and plan.request.device != "cpu" else "cpu")
-    trainable = {p: p.requires_grad for p in model.parameters()}
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for parameter in head.values():
-        parameter.requires_grad_(True)
-    model.to(device).train()
-    generator = torch.Generator().manual_seed(settings.seed)
-    loaders = [iter(endless(lm_loader(plan.data.blocks(d, plan.dap.seq_len), plan.tokenizer,
-                                           settings.batch_size, plan.dap.mlm_probability, generator)))
-               for d in domains]
-    optimizer = torch.optim.AdamW(list(head.values()), lr=settings.lr, weight_decay=0.0)
-    losses: list[float] = []
-    # dropout draws from the global generator: seeded here, so every machine trains the same head
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+    from cpt_bench.training.trainer import DapTrainer
+
+    if accelerator.is_main_process:
+        print(f"warming the LM head ({settings.steps} steps, body frozen, on {', '.join(domains)}; once, cached in "
+              f"{path.parent})", file=sys.stderr, flush=True)
+    # a constant rate, no decay, no clipping, one micro-batch: the head warm-up's recipe, not DAP's
+    recipe = dataclasses.replace(dap, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+                                 weight_decay=0.0, warmup=0.0, schedule="constant", max_grad_norm=0.0, grad_accum=1,
+                                 optimizer_state="reset", compile=False)
+    method = HeadOnly()
+    trainer = DapTrainer(accelerator, tokenizer, recipe, method, seed=settings.seed, show_progress=False,
+                         build_optimizer=plain_adamw)
+    stage = Stage("head-warmup", domains, data_seed=settings.seed)
+    # dropout draws from the global generator: seeded here (and put back after), so every machine trains the
+    # same head
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(settings.seed)
-        try:
-            for step in range(settings.steps):
-                batch = {k: v.to(device) for k, v in next(loaders[step % len(loaders)]).items()}
-                loss = lm_loss(model, batch)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-        finally:
-            for parameter, was in trainable.items():
-                parameter.requires_grad_(was)
-            model.cpu()
-    tail = losses[-max(1, len(losses) // 10):]
+        trainer.train_stage(model, Interleaved([blocks(d) for d in domains]), stage, 0)
+    tail = method.losses[-max(1, len(method.losses) // 10):]
     final_loss = sum(tail) / len(tail)
     if not math.isfinite(final_loss):
         raise BadInput(f"head_warmup: the loss diverged (lr {settings.lr}); lower head_warmup.lr")
-    with building(path) as tmp:
-        save_file({name: p.detach().cpu().contiguous() for name, p in head.items()}, str(tmp / "head.safetensors"))
-        (tmp / "COMPLETE").write_text(json.dumps({"final_loss": round(final_loss, 4), "steps": settings.steps}))
+    if accelerator.is_main_process:
+        with building(path) as tmp:
+            save_file({name: p.detach().cpu().contiguous() for name, p in head_parameters(model).items()},
+                      str(tmp / "head.safetensors"))
+            (tmp / "COMPLETE").write_text(json.dumps({"final_loss": round(final_loss, 4), "steps": settings.steps}))

@@ -20,6 +20,8 @@ class Stage:
     name: str
     corpora: list[str]
     steps_scale: int = 1  # multiplies the suite's steps per domain (a joint stage trains on T corpora)
+    # seeds the stage's data order and masks; None: derived from the run's seed and the stage's position
+    data_seed: int | None = None
 
 
 @dataclasses.dataclass

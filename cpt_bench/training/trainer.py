@@ -17,7 +17,7 @@ from cpt_bench.common.errors import BadInput, TrainingFailed
 from cpt_bench.common.progress import progress_bar
 from cpt_bench.common.rng import process_rng_state, set_process_rng_state
 from cpt_bench.common.settings import DapSettings
-from cpt_bench.data.batches import endless, lm_loader
+from cpt_bench.data.batches import endless, stage_loader
 from cpt_bench.models.loading import lm_body, lm_loss_and_hidden
 from cpt_bench.training.checkpoint import StopRequested
 from cpt_bench.training.optim import adamw, stage_schedule
@@ -59,7 +59,7 @@ class StageRecord:
 
 
 @dataclasses.dataclass
-class StageProgress:
+class StageLog:
     """What a stage has done so far; a mid-stage checkpoint keeps it (with the weights and optimizer)."""
 
     losses: list[float] = dataclasses.field(default_factory=list)  # total loss per optimizer step
@@ -89,8 +89,10 @@ def per_process_batch_size(batch_size: int, num_processes: int) -> int:
 
 class DapTrainer:
     def __init__(self, accelerator, tokenizer, settings: DapSettings, method: Method, seed: int,
-                 show_progress: bool = True):
+                 show_progress: bool = True, build_optimizer: Callable[..., torch.optim.Optimizer] = adamw):
         self.accelerator = accelerator
+        # (parameters, names by id, lr, weight decay) -> the stage's optimizer: optim.adamw for DAP
+        self.build_optimizer = build_optimizer
         self.tokenizer = tokenizer
         self.settings = settings
         self.method = method
@@ -118,7 +120,7 @@ class DapTrainer:
         total_steps = s.steps * stage.steps_scale
         resume = checkpointing.resume if checkpointing is not None else None
         state, scheduler, loader, parameters = self._start(model, blocks, stage, stage_index, total_steps)
-        progress = self._restore(state, scheduler, resume)
+        log = self._restore(state, scheduler, resume)
         state.objective.train()
         self.method.before_first_step(state)
         batches = endless(loader)
@@ -127,21 +129,21 @@ class DapTrainer:
         if resume is not None:
             set_process_rng_state(resume["rng"], self.accelerator)  # dropout continues as if never interrupted
         bar = progress_bar(total_steps, f"DAP {stage.name}", self.show_progress, initial=state.step)
-        started = time.perf_counter() - progress.seconds
+        started = time.perf_counter() - log.seconds
         first_step, before = state.step, _fingerprints(parameters)
         batch = next(batches)
         for step in range(first_step, total_steps):
-            batch = self._optimizer_step(state, parameters, scheduler, batches, batch, progress)
+            batch = self._optimizer_step(state, parameters, scheduler, batches, batch, log)
             bar.update(1)
-            tokens_per_second = progress.tokens / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{progress.losses[-1]:.3f}", tok_s=f"{tokens_per_second:.0f}",
+            tokens_per_second = log.tokens / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{log.losses[-1]:.3f}", tok_s=f"{tokens_per_second:.0f}",
                             refresh=False)  # redraw on tqdm's interval, not every step
             if self.on_step is not None:
-                terms = {f"loss_{name}": values[-1] for name, values in progress.terms.items() if values}
-                self.on_step(stage_index, step + 1, {"loss": progress.losses[-1], "lr": scheduler.get_last_lr()[0],
+                terms = {f"loss_{name}": values[-1] for name, values in log.terms.items() if values}
+                self.on_step(stage_index, step + 1, {"loss": log.losses[-1], "lr": scheduler.get_last_lr()[0],
                                                      "tokens_per_second": tokens_per_second, **terms})
             if checkpointing is not None and step + 1 < total_steps:
-                self._maybe_checkpoint(checkpointing, state, scheduler, progress, started, bar)
+                self._maybe_checkpoint(checkpointing, state, scheduler, log, started, bar)
         bar.close()
         seconds = time.perf_counter() - started
         if first_step < total_steps and parameters and _fingerprints(parameters) == before:
@@ -152,20 +154,21 @@ class DapTrainer:
         if s.optimizer_state == "carry":
             self.carried_optimizer = state.optimizer.state_dict()
         self.accelerator.free_memory()
-        return _record(stage.name, total_steps, progress, seconds)
+        return _record(stage.name, total_steps, log, seconds)
 
     def _start(self, model: nn.Module, blocks, stage: Stage, stage_index: int, total_steps: int):
         """The stage's loader, the method's `before_stage`, optimizer and schedule, all prepared."""
         s, accelerator = self.settings, self.accelerator
-        generator = torch.Generator().manual_seed(self.seed * 1000 + stage_index)
+        generator = torch.Generator().manual_seed(
+            self.seed * 1000 + stage_index if stage.data_seed is None else stage.data_seed)
         # the suite's batch size is the global batch: n processes take batch_size / n rows each per step
-        loader = lm_loader(blocks, self.tokenizer, per_process_batch_size(s.batch_size, accelerator.num_processes),
-                               s.mlm_probability, generator, drop_last=len(blocks) >= s.batch_size)
+        loader = stage_loader(blocks, self.tokenizer, per_process_batch_size(s.batch_size, accelerator.num_processes),
+                              s.mlm_probability, generator, accelerator)
         state = StageState(stage, stage_index, model, None, None, accelerator, s, self.tokenizer, blocks, self.seed)
         self.method.before_stage(state)
         named = {id(p): n for n, p in model.named_parameters()}
         parameters = self.method.trainable_parameters(model)
-        optimizer = adamw(parameters, named, s.lr, s.weight_decay)
+        optimizer = self.build_optimizer(parameters, named, s.lr, s.weight_decay)
         self.carried_into_stage = s.optimizer_state == "carry" and carry_moments(optimizer, self.carried_optimizer)
         warmup_steps = int(s.warmup * total_steps) if s.rewarm or stage_index == 0 else 0
         scheduler = stage_schedule(optimizer, s.schedule, warmup_steps, total_steps, s.final_lr_fraction,
@@ -176,21 +179,21 @@ class DapTrainer:
             LMObjective(model, s.compile, s.vocab_pad_multiple), optimizer, loader)
         return state, scheduler, loader, parameters
 
-    def _restore(self, state: StageState, scheduler, resume: dict[str, Any] | None) -> StageProgress:
-        """Weights, optimizer, schedule and progress as they were at a mid-stage checkpoint (or a fresh start)."""
+    def _restore(self, state: StageState, scheduler, resume: dict[str, Any] | None) -> StageLog:
+        """Weights, optimizer, schedule and log as they were at a mid-stage checkpoint (or a fresh start)."""
         if resume is None:
-            return StageProgress()
+            return StageLog()
         state.model.load_state_dict(resume["model"])
         state.optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         state.resumed, state.step = True, int(resume["step"])
         self.carried_into_stage = bool(resume.get("carried_into_stage", False))
-        return StageProgress(list(resume["losses"]), {k: list(v) for k, v in resume["terms"].items()},
+        return StageLog(list(resume["losses"]), {k: list(v) for k, v in resume["terms"].items()},
                              int(resume["tokens"]), int(resume.get("skipped", 0)), float(resume["seconds"]))
 
     def _optimizer_step(self, state: StageState, parameters: list[nn.Parameter], scheduler,
                         batches: Iterator[dict[str, torch.Tensor]], batch: dict[str, torch.Tensor],
-                        progress: StageProgress) -> dict[str, torch.Tensor]:
+                        log: StageLog) -> dict[str, torch.Tensor]:
         """`grad_accum` micro-batches, the method's events, one optimizer step; returns the next batch."""
         s, accelerator = self.settings, self.accelerator
         # the step's numbers stay on the device until one read after clipping: a read waits for the device to
@@ -214,22 +217,22 @@ class DapTrainer:
         # max_norm inf: the norm without clipping (a non-finite gradient must be seen either way)
         norm = torch.nn.utils.clip_grad_norm_(parameters, s.max_grad_norm if s.max_grad_norm > 0 else math.inf)
         finite, step_loss, step_tokens = self._read_step(state, step_loss, step_tokens, norm)
-        progress.tokens += step_tokens * accelerator.num_processes
+        log.tokens += step_tokens * accelerator.num_processes
         if not finite and accelerator.scaler is None:
             what = "loss" if not math.isfinite(step_loss) else "gradient"
             raise TrainingFailed(f"non-finite {what} in stage {state.name!r} at step {state.step + 1} (lower dap.lr, "
                                  f"or use dap.precision=fp16 to skip such steps); the run's last checkpoint is kept")
         state.optimizer.step()
         if accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skipped a non-finite step
-            progress.skipped += 1
+            log.skipped += 1
         self.method.after_optimizer_step(state)
         if not accelerator.optimizer_step_was_skipped:  # no update, no schedule step (as accelerate does)
             scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        progress.losses.append(step_loss)
+        log.losses.append(step_loss)
         for name, value in {"total": step_loss, **state.terms}.items():
-            progress.terms.setdefault(name, []).append(value)
+            log.terms.setdefault(name, []).append(value)
         return batch
 
     def _read_step(self, state: StageState, step_loss: torch.Tensor, step_tokens: torch.Tensor,
@@ -246,15 +249,15 @@ class DapTrainer:
         return read[0] == 1.0, read[1], int(read[2])
 
     def _maybe_checkpoint(self, checkpointing: Checkpointing, state: StageState, scheduler,
-                          progress: StageProgress, started: float, bar) -> None:
+                          log: StageLog, started: float, bar) -> None:
         """Save every `checkpointing.every` steps, and at once when a stop was requested (then stop)."""
         stop = checkpointing.stop is not None and checkpointing.stop.requested
         if stop or (checkpointing.every and state.step % checkpointing.every == 0):
             checkpointing.save(state.step, {
                 "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": process_rng_state(self.accelerator), "step": state.step,
-                "losses": progress.losses, "terms": progress.terms, "tokens": progress.tokens,
-                "skipped": progress.skipped, "seconds": time.perf_counter() - started,
+                "losses": log.losses, "terms": log.terms, "tokens": log.tokens,
+                "skipped": log.skipped, "seconds": time.perf_counter() - started,
                 "carried_into_stage": self.carried_into_stage})
         if stop:
             bar.close()
@@ -282,17 +285,17 @@ def carry_moments(optimizer: torch.optim.Optimizer, carried: dict[str, Any] | No
     return True
 
 
-def _record(name: str, steps: int, progress: StageProgress, seconds: float) -> StageRecord:
-    losses = progress.losses
-    mlm = progress.terms.get("mlm", losses)
+def _record(name: str, steps: int, log: StageLog, seconds: float) -> StageRecord:
+    losses = log.losses
+    mlm = log.terms.get("mlm", losses)
     if len(mlm) != len(losses):  # a method that logs "mlm" on some steps only: fall back to the total
         mlm = losses
     window = max(1, min(10, len(mlm) // 10 or 1))
-    return StageRecord(domain=name, steps=steps, tokens=progress.tokens, seconds=round(seconds, 3),
+    return StageRecord(domain=name, steps=steps, tokens=log.tokens, seconds=round(seconds, 3),
                        loss_first=float(sum(mlm[:window]) / window), loss_last=float(sum(mlm[-window:]) / window),
                        loss_curve=_curve(mlm, points=50),
-                       loss_terms={n: _curve(values, points=50) for n, values in progress.terms.items()},
-                       skipped_steps=progress.skipped)
+                       loss_terms={n: _curve(values, points=50) for n, values in log.terms.items()},
+                       skipped_steps=log.skipped)
 
 
 def _fingerprints(parameters: list[nn.Parameter]) -> list[tuple[float, float]]:
