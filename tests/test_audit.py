@@ -35,7 +35,7 @@ def test_decontamination_removes_exactly_the_overlapping_texts():
     corpus = [f"we came in . {TEST_SENTENCE}", f"and so {TWELVE} , nothing else", "unrelated text", "warm bread"]
     kept, dropped = decontaminate(corpus, [TEST_SENTENCE, "warm bread"])
     # a short exact duplicate ("warm bread") has no 13-gram: the audit counts it, decontamination keeps it
-    assert dropped == 1 and kept == [f"and so {TWELVE} , nothing else", "unrelated text", "warm bread"]
+    assert dropped == 1 and list(kept) == [f"and so {TWELVE} , nothing else", "unrelated text", "warm bread"]
 
 
 def _contaminate(tiny_suite) -> None:

@@ -189,7 +189,7 @@ def test_perplexity_text_never_appears_in_the_dap_stream(tiny_suite, score):
 
     plan = plan_data(RunRequest("naive", str(corpus_suite(tiny_suite, 10, score))))
     for domain in ("cats", "dogs"):
-        trained, _ = plan.data.corpora[domain]
+        trained = list(plan.data.corpora[domain][0])
         scored, where = plan.data.heldout[domain]
         texts = [f"{domain} line {i % 70} says hello" for i in range(120)]
         heldout, dev = set(texts[110:]), set(texts[100:110])

@@ -220,19 +220,21 @@ def test_mlm_blocks_keep_the_last_block_when_the_stream_divides_exactly(tokenize
     assert [t for b in blocks for t in b[1:-1]] == _stream(tokenizer, texts)
 
 
-def test_mlm_blocks_cache_is_keyed_by_content_and_seq_len(tokenizer, tmp_path, monkeypatch):
+def test_the_token_file_is_cached_by_content_and_serves_every_block_length(tokenizer, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("CPT_BENCH_CACHE", str(cache))
     texts = _texts(60, seed=1)
     first = mlm_blocks(texts, tokenizer, 16, "c")["input_ids"]
-    assert cache.exists() and any(cache.rglob("dataset_info.json"))
+    assert len(list(cache.glob("tokens/*/meta.json"))) == 1
     again = mlm_blocks(texts, tokenizer, 16, "c")["input_ids"]
     assert [list(b) for b in again] == [list(b) for b in first]
-    # a different seq_len or different texts must not reuse the cached blocks
+    # another block length is cut from the same token file; other texts get their own
     assert {len(b) for b in mlm_blocks(texts, tokenizer, 10, "c")["input_ids"]} == {10}
+    assert len(list(cache.glob("tokens/*/meta.json"))) == 1
     other = _texts(60, seed=2)
     other_bodies = [t for b in mlm_blocks(other, tokenizer, 16, "c")["input_ids"] for t in list(b)[1:-1]]
     assert other_bodies == _stream(tokenizer, other)[: len(other_bodies)]
+    assert len(list(cache.glob("tokens/*/meta.json"))) == 2
 
 
 def test_mlm_blocks_corpus_shorter_than_one_block_is_bad_input(tokenizer, tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def test_heldout_texts_are_cut_from_the_corpus(tiny_suite):
     plan = plan_run(RunRequest(method="naive", suite=str(tiny_suite), show_progress=False))
     data: RunData = plan.data
     for domain in ("cats", "dogs"):
-        trained, _ = data.corpora[domain]
+        trained = list(data.corpora[domain][0])
         heldout, _ = data.heldout[domain]
         corpus = [row["text"] for row in map(json.loads, (tiny_suite.parent / "data" / domain / "unlabeled.jsonl")
                                              .read_text().splitlines())]

@@ -51,8 +51,8 @@ def test_a_held_out_slice_too_short_to_score_is_trained_on_in_a_new_data_object(
     name = "cats"
     assert name in data.uncut
     whole = data.without_heldout(name, "too short")
-    assert whole.corpora[name][0] == data.uncut[name] and name not in whole.heldout
-    assert name in data.heldout and data.corpora[name][0] != data.uncut[name]  # the original is as it was
+    assert list(whole.corpora[name][0]) == list(data.uncut[name]) and name not in whole.heldout
+    assert name in data.heldout and list(data.corpora[name][0]) != list(data.uncut[name])  # the original as it was
     assert whole.heldout_notes[name] == "none: too short"
 
 

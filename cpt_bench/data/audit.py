@@ -10,12 +10,12 @@ no 13-gram: only an exact duplicate can flag it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Iterable, Iterator
 
 from cpt_bench.common.atomic import write_json_atomic
 from cpt_bench.common.cache import cache_dir
+from cpt_bench.data.corpus import Corpus, json_digest
 
 NGRAM = 13
 WARN_ABOVE = 0.01  # a run warns when more than this fraction of a test split overlaps a corpus
@@ -70,11 +70,13 @@ class EndTaskIndex:
         return shared, self.texts.get(" ".join(tokens(corpus_text)), set())
 
 
-def cached_audit(corpora: dict[str, list[str]], splits: dict[tuple[str, str], list[str]]) -> list[SplitOverlap]:
+def cached_audit(corpora: dict[str, Iterable[str]], splits: dict[tuple[str, str], list[str]]) -> list[SplitOverlap]:
     """`audit`, kept in the cache per content of the corpora and splits: every run records it, and on
-    paper-sized corpora it takes minutes."""
-    content = json.dumps([NGRAM, sorted(corpora.items()), sorted([list(k), v] for k, v in splits.items())])
-    path = cache_dir() / "audit" / f"{hashlib.sha256(content.encode()).hexdigest()[:20]}.json"
+    paper-sized corpora it takes minutes. Corpora (lists or `data.corpus.Corpus`) are streamed, also for the
+    cache key."""
+    content = [NGRAM, sorted(corpora.items(), key=lambda item: item[0]),
+               sorted([list(k), v] for k, v in splits.items())]
+    path = cache_dir() / "audit" / f"{json_digest(content)[:20]}.json"
     if path.is_file():
         try:
             return [SplitOverlap(**row) for row in json.loads(path.read_text())]
@@ -85,7 +87,7 @@ def cached_audit(corpora: dict[str, list[str]], splits: dict[tuple[str, str], li
     return rows
 
 
-def audit(corpora: dict[str, list[str]], splits: dict[tuple[str, str], list[str]]) -> list[SplitOverlap]:
+def audit(corpora: dict[str, Iterable[str]], splits: dict[tuple[str, str], list[str]]) -> list[SplitOverlap]:
     """Every (corpus, split) pair: how many of the split's texts overlap the corpus, how many it duplicates."""
     index = EndTaskIndex(splits)
     rows = []
@@ -103,12 +105,14 @@ def audit(corpora: dict[str, list[str]], splits: dict[tuple[str, str], list[str]
     return rows
 
 
-def decontaminate(corpus_texts: list[str], test_texts: Iterable[str]) -> tuple[list[str], int]:
+def decontaminate(corpus: Corpus | list[str], test_texts: Iterable[str]) -> tuple[Corpus, int]:
     """The corpus without every text that shares a 13-gram with a test text; how many went. (A short exact
-    duplicate stays: below 13 tokens a match may be a common phrase; the audit counts such duplicates.)"""
+    duplicate stays: below 13 tokens a match may be a common phrase; the audit counts such duplicates.) One
+    streaming pass; the result is a view that leaves those positions out."""
+    corpus = corpus if isinstance(corpus, Corpus) else Corpus.of(corpus, "texts")
     index = EndTaskIndex({("test", "test"): list(test_texts)})
-    kept = [text for text in corpus_texts if not index.hits(text)[0]]
-    return kept, len(corpus_texts) - len(kept)
+    dropped = frozenset(position for position, text in corpus.positions() if index.hits(text)[0])
+    return corpus.view(dropped=dropped), len(dropped)
 
 
 def table(rows: list[SplitOverlap]) -> str:

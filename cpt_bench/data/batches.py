@@ -1,7 +1,8 @@
-"""Language-model data: a corpus cut into fixed-length blocks (cached), BERT's masking for an encoder or the
-next tokens as labels for a decoder, and the ways the trainer and the methods draw batches from a stage's
-blocks: the one place that builds them. Either way a batch is (input_ids, attention_mask, labels) with -100
-where nothing is scored, so one loss serves both kinds of LM (`cpt_bench.models.loading.lm_loss`)."""
+"""Language-model data: a corpus cut into fixed-length blocks (views into its token file, `data.shards`),
+BERT's masking for an encoder or the next tokens as labels for a decoder, and the ways the trainer and the
+methods draw batches from a stage's blocks: the one place that builds them. Either way a batch is (input_ids,
+attention_mask, labels) with -100 where nothing is scored, so one loss serves both kinds of LM
+(`cpt_bench.models.loading.lm_loss`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
-from cpt_bench.common.cache import building, cache_dir
 from cpt_bench.common.deprecation import renamed
-from cpt_bench.common.errors import BadInput
+from cpt_bench.data.shards import TokenBlocks, corpus_blocks
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -24,78 +24,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab]).encode()).hexdigest()[:16]
 
 
-def lm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str, causal: bool = False):
-    """The corpus as fixed-length training blocks for the LM's objective (`causal`: next-token blocks)."""
-    return causal_blocks(texts, tokenizer, seq_len, corpus_id) if causal else \
-        mlm_blocks(texts, tokenizer, seq_len, corpus_id)
+def lm_blocks(texts, tokenizer, seq_len: int, corpus_id: str, causal: bool = False) -> TokenBlocks:
+    """The corpus (a `data.corpus.Corpus`, or a list of texts) as fixed-length training blocks for the LM's
+    objective (`causal`: next-token blocks), read from its token file on disk (`data.shards`)."""
+    return corpus_blocks(texts, tokenizer, seq_len, corpus_id, causal, tokenizer_fingerprint(tokenizer))
 
 
-def mlm_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
-    """Concatenate the tokenised texts (separated by the separator token) and cut blocks of `seq_len` tokens.
-
-    Every block is [CLS] + seq_len-2 tokens + [SEP], fixed length, so DAP batches carry no padding.
-    Cached on disk per (corpus content, tokenizer, seq_len).
-    """
-    sep, cls, body = tokenizer.sep_token_id, tokenizer.cls_token_id, seq_len - 2
-
-    def group(batch):
-        stream: list[int] = []
-        for ids in batch["ids"]:
-            stream.extend(ids)
-            stream.append(sep)
-        return {"input_ids": [[cls, *stream[i:i + body], sep] for i in range(0, len(stream) - body + 1, body)]}
-
-    return _cached_blocks(texts, tokenizer, seq_len, corpus_id, "mlm", group)
+def mlm_blocks(texts, tokenizer, seq_len: int, corpus_id: str) -> TokenBlocks:
+    """An encoder's blocks: the tokenised texts, each followed by the separator token, cut into blocks of
+    [CLS] + seq_len-2 tokens + [SEP], fixed length, so DAP batches carry no padding."""
+    return lm_blocks(texts, tokenizer, seq_len, corpus_id, causal=False)
 
 
-def causal_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str):
+def causal_blocks(texts, tokenizer, seq_len: int, corpus_id: str) -> TokenBlocks:
     """A decoder's packed blocks: the tokenised texts joined by the end-of-text token, cut into `seq_len` inputs
     whose labels are the next `seq_len` tokens (block i reads stream[i·L : i·L+L] and predicts stream[i·L+1 :
     i·L+L+1], so every token but the stream's first is a target once). No padding: every label is a real token."""
-    eos = tokenizer.eos_token_id
-
-    def group(batch):
-        stream: list[int] = []
-        for ids in batch["ids"]:
-            stream.extend(ids)
-            stream.append(eos)
-        starts = range(0, len(stream) - seq_len, seq_len)
-        return {"input_ids": [stream[i:i + seq_len] for i in starts],
-                "labels": [stream[i + 1:i + seq_len + 1] for i in starts]}
-
-    return _cached_blocks(texts, tokenizer, seq_len, corpus_id, "causal", group)
-
-
-def _cached_blocks(texts: list[str], tokenizer, seq_len: int, corpus_id: str, kind: str, group):
-    """Tokenise (no special tokens), `group` the whole corpus into blocks, cache on disk per (content, tokenizer,
-    seq_len, kind)."""
-    import datasets
-    from datasets.table import InMemoryTable
-
-    if not texts:  # e.g. a corpus whose every text is also one of its held-out texts
-        raise BadInput(f"corpus {corpus_id} has no text left to make blocks of")
-    content = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
-    key = f"{content}-{tokenizer_fingerprint(tokenizer)}-{seq_len}" + ("" if kind == "mlm" else f"-{kind}")
-    path = cache_dir() / "blocks" / key
-    if (path / "dataset_info.json").exists():
-        return datasets.load_from_disk(str(path))
-
-    def tokenize(batch):
-        return {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
-
-    # fingerprints from our own key: datasets would otherwise pickle the table and the tokenizer to hash them,
-    # which fails on some Python/pyarrow/dill combinations (seen with Python 3.12) and costs time anyway
-    dataset = datasets.Dataset(InMemoryTable.from_pydict({"text": texts}), fingerprint=f"{key}-text")
-    dataset = dataset.map(tokenize, batched=True, remove_columns=["text"], desc=f"tokenising {corpus_id}",
-                          new_fingerprint=f"{key}-ids")
-    # one group over all rows so no text is cut at a batch boundary more than once per block
-    dataset = dataset.map(group, batched=True, batch_size=len(dataset), remove_columns=["ids"],
-                          new_fingerprint=f"{key}-blocks")
-    if len(dataset) == 0:
-        raise BadInput(f"corpus {corpus_id} is shorter than one block of {seq_len} tokens")
-    with building(path) as tmp:
-        dataset.save_to_disk(str(tmp))
-    return datasets.load_from_disk(str(path))
+    return lm_blocks(texts, tokenizer, seq_len, corpus_id, causal=True)
 
 
 class MaskingCollator:
@@ -153,9 +98,29 @@ def lm_loader(blocks, tokenizer, batch_size: int, mlm_probability: float, genera
     """Batches of `blocks`, masked as they are drawn; one generator decides both the order and the masks, so
     the same seed gives the same batches. (Unshuffled, the loader itself is not given the generator: it would
     only draw its worker seed from it, and the masks would change.)"""
-    return DataLoader(blocks.with_format("torch"), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      generator=generator if shuffle else None,
+    blocks = blocks.with_format("torch")
+    return DataLoader(blocks, batch_size=batch_size, sampler=BlockSampler(blocks, generator=generator) if shuffle
+                      else None, drop_last=drop_last, generator=generator if shuffle else None,
                       collate_fn=MaskingCollator(tokenizer, mlm_probability, generator))
+
+
+class BlockSampler(RandomSampler):
+    """torch's `RandomSampler` (the same permutations from the same generator draws, so the same batches),
+    handing out each permutation a slice at a time: the block order of a large corpus is one int64 tensor,
+    never a Python list of millions of ints."""
+
+    SLICE = 8192
+
+    def __iter__(self) -> Iterator[int]:
+        if self.replacement or self.generator is None:
+            yield from super().__iter__()
+            return
+        n = len(self.data_source)
+        for _ in range(self.num_samples // n):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, self.SLICE):
+                yield from order[start:start + self.SLICE].tolist()
+        yield from torch.randperm(n, generator=self.generator)[: self.num_samples % n].tolist()
 
 
 class Interleaved:

@@ -3,7 +3,6 @@ encoding of end-task splits for fine-tuning. (MLM blocks and masking: `cpt_bench
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from cpt_bench.common.errors import BadInput
+from cpt_bench.data.corpus import Corpus, field_text, file_records
 from cpt_bench.data.suite import EndTask, HubSource, Source
 
 # ---------------------------------------------------------------- reading records
@@ -28,50 +28,37 @@ def resolve_path(source: str, data_dir: Path | None) -> Path:
 
 def read_file_records(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl (one object a line), .txt (one text a line, field `text`) or .csv (header) file."""
+    check_file(path)
+    return list(file_records(path))
+
+
+def check_file(path: Path) -> None:
     if not path.is_file():
         if not path.parent.is_dir():  # name the folder: a whole domain is usually what is missing
             raise BadInput(f"missing data folder: {path.parent} (needed for {path.name})")
         raise BadInput(f"missing data file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise BadInput(f"{path} line {line}: not UTF-8 text") from None
-    suffix = path.suffix.lower()
-    rows: list[dict[str, Any]] = []
-    if suffix in (".jsonl", ".json"):
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue  # blank lines carry no example
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise BadInput(f"{path} line {number}: malformed JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise BadInput(f"{path} line {number}: expected a JSON object")
-            row["_line"] = number
-            rows.append(row)
-    elif suffix == ".txt":
-        rows = [{"text": line, "_line": n} for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    elif suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        rows = [{**row, "_line": n} for n, row in enumerate(reader, start=2)]
-    else:
-        raise BadInput(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .txt or .csv)")
-    return rows
 
 
-def read_hub_records(source: HubSource) -> tuple[list[dict[str, Any]], str]:
+def load_hub_dataset(source: HubSource):
+    """A hub dataset's split as `datasets` keeps it: an Arrow table memory-mapped from its cache, not rows in
+    memory."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source.hub, source.config, split=source.split)
+        return datasets.load_dataset(source.hub, source.config, split=source.split)
     except Exception as error:  # noqa: BLE001  (the hub raises many types; all mean "cannot load this id here")
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "not in the local cache and the hub is offline" if offline else type(error).__name__
         raise BadInput(f"cannot load hub dataset {source.hub!r} ({why})") from None
-    rows = [{**row, "_line": i + 1} for i, row in enumerate(dataset)]
-    return rows, f"hub:{source.hub}/{source.config}/{source.split}"
+
+
+def hub_name(source: HubSource) -> str:
+    return f"hub:{source.hub}/{source.config}/{source.split}"
+
+
+def read_hub_records(source: HubSource) -> tuple[list[dict[str, Any]], str]:
+    dataset = load_hub_dataset(source)
+    return [{**row, "_line": i + 1} for i, row in enumerate(dataset)], hub_name(source)
 
 
 def read_records(source: Source, data_dir: Path | None) -> tuple[list[dict[str, Any]], str]:
@@ -82,23 +69,26 @@ def read_records(source: Source, data_dir: Path | None) -> tuple[list[dict[str, 
     return read_file_records(path), str(path)
 
 
-def field_text(row: dict[str, Any], field: str, where: str) -> str:
-    if field not in row:
-        raise BadInput(f"{where} line {row['_line']}: missing field {field!r}")
-    value = row[field]
-    if not isinstance(value, str):
-        raise BadInput(f"{where} line {row['_line']}: field {field!r} is not a string")
-    return value
+def read_corpus(source: Source, field: str, data_dir: Path | None, limit: int | None) -> tuple[Corpus, str]:
+    """A corpus's non-empty texts (the first `limit`) as a `Corpus`: read again on each pass, never whole into
+    memory; one pass now counts them (and finds a malformed line or a missing field before any training)."""
+    if isinstance(source, HubSource):
+        dataset = load_hub_dataset(source)
+        where = hub_name(source)
 
+        def records():
+            return ({**row, "_line": i + 1} for i, row in enumerate(dataset))
+    else:
+        path = resolve_path(source, data_dir)
+        check_file(path)
+        where = str(path)
 
-def read_corpus(source: Source, field: str, data_dir: Path | None, limit: int | None) -> tuple[list[str], str]:
-    rows, where = read_records(source, data_dir)
-    texts = [t for t in (field_text(row, field, where) for row in rows) if t.strip()]
-    if limit is not None:
-        texts = texts[:limit]
-    if not texts:
+        def records():
+            return file_records(path)
+    corpus = Corpus(records, field, where, limit)
+    if not len(corpus):
         raise BadInput(f"empty corpus: {where}")
-    return texts, where
+    return corpus, where
 
 
 # ---------------------------------------------------------------- end tasks

@@ -244,12 +244,25 @@ def _hf_trainer_steps(model, tokenizer, blocks, settings, device, causal: bool =
             fp16=settings.precision == "fp16", dataloader_num_workers=0, seed=0,
             torch_compile=settings.compile)
         if causal:  # the Trainer's collator makes its own labels from the inputs
-            blocks = blocks.remove_columns(["labels"])
+            blocks = _InputsOnly(blocks)
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=not causal, mlm_probability=0.15)
         trainer = Trainer(model=model, args=arguments, train_dataset=blocks, data_collator=collator,
                           callbacks=[StepClock()])
         trainer.train()
     return stamps
+
+
+class _InputsOnly:
+    """A decoder's blocks without their labels (a map-style dataset for `transformers.Trainer`)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.blocks[index]["input_ids"]}
 
 
 def run_bench(request: BenchRequest, echo=print) -> dict[str, Any]:

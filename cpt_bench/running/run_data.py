@@ -17,6 +17,7 @@ import torch
 from cpt_bench.common.errors import BadInput
 from cpt_bench.common.settings import DataSettings, override, parse_set_options
 from cpt_bench.data.audit import NGRAM, cached_audit, decontaminate
+from cpt_bench.data.corpus import Corpus
 from cpt_bench.data.suite import Suite, load_suite
 from cpt_bench.data.texts import read_corpus, read_end_task
 from cpt_bench.running.synthetic import materialise
@@ -52,12 +53,12 @@ class RunData:
     """Every corpus and end task of a run, read and validated before any training (no tokenizer: the blocks
     are the model's, `plan.RunPlan.blocks`)."""
 
-    corpora: dict[str, tuple[list[str], str]]  # domain -> (the texts DAP trains on, where they came from)
+    corpora: dict[str, tuple[Corpus, str]]  # domain -> (the texts DAP trains on, streamed; where they came from)
     tasks: list  # the domains' end tasks, in the run's order (data.texts.EndTaskData)
     probes: list  # the suite's probes
     heldout: dict[str, tuple[list[str], str]]  # corpus -> held-out texts for perplexity, and where from
     heldout_notes: dict[str, str]  # corpus -> what was held out, in words (the result says it)
-    uncut: dict[str, list[str]]  # corpus -> its texts before a held-out slice was cut off
+    uncut: dict[str, Corpus]  # corpus -> its texts before a held-out slice was cut off
     general_source: tuple  # (the suite's general corpus, data folder, limit): read only when a method asks
     audit: list  # the contamination audit (data.audit rows)
     decontaminated: dict[str, int]  # corpus -> texts dropped by data.decontaminate
@@ -84,7 +85,7 @@ class RunData:
             summary["decontaminated"] = dict(self.decontaminated)
         return summary
 
-    def corpus_texts(self, name: str) -> tuple[list[str], str]:
+    def corpus_texts(self, name: str) -> tuple[Corpus, str]:
         """A domain's DAP texts, or the suite's general corpus ("general"); KeyError for any other name."""
         if name in self.corpora:
             return self.corpora[name]
@@ -115,10 +116,10 @@ def read_run_data(suite: Suite, domains: list[str], data_dir: Path | None, limit
     slice, audit the corpora against the end tasks and decontaminate if asked. `finetune_keys_from_cli`:
     fine-tuning keys the command line set, which beat an end task's own settings in the suite."""
     data_settings = data_settings if data_settings is not None else DataSettings()
-    corpora: dict[str, tuple[list[str], str]] = {}
+    corpora: dict[str, tuple[Corpus, str]] = {}
     heldout: dict[str, tuple[list[str], str]] = {}
     notes: dict[str, str] = {}
-    uncut: dict[str, list[str]] = {}
+    uncut: dict[str, Corpus] = {}
     tasks = []
     for name in domains:
         domain = suite.domain(name)
@@ -143,41 +144,42 @@ def read_run_data(suite: Suite, domains: list[str], data_dir: Path | None, limit
         tests = [text for task in tasks + probes for text in task.test.texts]
         for name, (texts, where) in corpora.items():
             kept, decontaminated[name] = decontaminate(texts, tests)
-            if not kept:
+            if not len(kept):
                 raise BadInput(f"data.decontaminate: every text of the corpus {where} overlaps a test text")
             corpora[name] = (kept, where)
     return RunData(corpora, tasks, probes, heldout, notes, uncut, (suite.general_corpus, data_dir, limit), audit,
                    decontaminated)
 
 
-def _hold_out(name: str, texts: list[str], where: str, settings, heldout: dict, notes: dict,
-              uncut: dict) -> list[str]:
+def _hold_out(name: str, texts: Corpus, where: str, settings, heldout: dict, notes: dict,
+              uncut: dict) -> Corpus:
     """Cut a corpus's last texts off as its held-out text (and, before them, its dev slice) for the perplexity
     matrix; returns what DAP trains on: the rest, less any text that is also a held-out or dev text (a
     duplicate line would otherwise be trained on and scored). A corpus of fewer than 4 × (held-out + dev)
-    texts gives at most a quarter of itself, in the same proportions; what was cut is said in the result."""
+    texts gives at most a quarter of itself, in the same proportions; what was cut is said in the result.
+    The slices are read into memory (a few hundred texts); the rest stays a view of the corpus."""
     cut, dev = (settings.heldout_texts, settings.dev_texts) if settings.blocks else (0, 0)
     if not cut:
         return texts
-    if len(texts) < 4 * (cut + dev):  # a small corpus: scaled down, never skipped without a word
-        cut, dev = len(texts) * cut // (4 * (cut + dev)), len(texts) * dev // (4 * (cut + dev))
+    count = len(texts)
+    if count < 4 * (cut + dev):  # a small corpus: scaled down, never skipped without a word
+        cut, dev = count * cut // (4 * (cut + dev)), count * dev // (4 * (cut + dev))
         if not cut or (settings.score == "dev" and not dev):
-            notes[name] = f"none: {len(texts)} texts are too few to hold any out"
+            notes[name] = f"none: {count} texts are too few to hold any out"
             return texts
-    held, dev_slice = texts[len(texts) - cut:], texts[len(texts) - cut - dev: len(texts) - cut]
+    held, dev_slice = texts.texts(count - cut, count), texts.texts(count - cut - dev, count - cut)
     if settings.score == "dev" and dev_slice:
         heldout[name] = (dev_slice, f"{where} (dev slice: {dev} texts before the last {cut})")
-        notes[name] = f"dev slice: {dev} of {len(texts)} texts, before the last {cut}"
+        notes[name] = f"dev slice: {dev} of {count} texts, before the last {cut}"
     else:
         heldout[name] = (held, f"{where} (last {cut} texts)")
-        notes[name] = f"last {cut} of {len(texts)} texts" + (f" (and {dev} before them as the dev slice)"
-                                                              if dev else "")
-    scored = set(held) | set(dev_slice)
-    trained = [text for text in texts[: len(texts) - cut - dev] if text not in scored]
-    if not trained:  # a corpus of a few texts repeated: better trained on whole than refused
+        notes[name] = f"last {cut} of {count} texts" + (f" (and {dev} before them as the dev slice)"
+                                                         if dev else "")
+    trained = texts.view(0, count - cut - dev, excluded=frozenset(held) | frozenset(dev_slice))
+    if not len(trained):  # a corpus of a few texts repeated: better trained on whole than refused
         del heldout[name]
         notes[name] = (f"none: every text before the held-out slice is also in it (the corpus repeats "
-                       f"{len(scored)} distinct texts)")
+                       f"{len(set(held) | set(dev_slice))} distinct texts)")
         return texts
     uncut[name] = texts
     return trained

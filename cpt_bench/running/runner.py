@@ -24,6 +24,7 @@ from cpt_bench.common.cache import cache_dir
 from cpt_bench.common.errors import BadInput
 from cpt_bench.common.rng import derive_seed, process_rng_state, set_process_rng_state
 from cpt_bench.common.settings import as_dict
+from cpt_bench.data.shards import JoinedBlocks
 from cpt_bench.evaluation.evaluator import EndTaskEvaluator
 from cpt_bench.evaluation.metrics import MATRICES
 from cpt_bench.evaluation.perplexity import heldout_scores
@@ -339,10 +340,8 @@ def perplexity_corpora(plan: RunPlan) -> list[str]:
 
 
 def stage_blocks(plan: RunPlan, corpora: list[str]):
-    import datasets
-
     parts = [plan.blocks(c) for c in corpora]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return parts[0] if len(parts) == 1 else JoinedBlocks(parts)
 
 
 def finetune_seed(run_seed: int, task_name: str) -> int:

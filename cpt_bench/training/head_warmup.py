@@ -25,6 +25,7 @@ from cpt_bench.common.cache import building, cache_dir, exclusive
 from cpt_bench.common.errors import BadInput
 from cpt_bench.common.settings import DapSettings
 from cpt_bench.data.batches import Interleaved
+from cpt_bench.data.corpus import json_digest
 from cpt_bench.data.suite import HeadWarmup
 from cpt_bench.training.plugin import Method
 from cpt_bench.training.stage import Stage
@@ -87,7 +88,7 @@ def warm_head(model: torch.nn.Module, tokenizer, accelerator, settings: HeadWarm
     if not head:
         raise BadInput(f"{where}: head_warmup: the model has no parameters outside its transformer body to warm")
     domains = sorted(corpora)  # the same warmed head whatever the order of the run's domains
-    texts = hashlib.sha256(json.dumps([corpora[d] for d in domains]).encode()).hexdigest()
+    texts = json_digest([corpora[d] for d in domains])  # streamed: the digest of the texts' JSON list
     parts = [HEAD_WARMUP_VERSION, checkpoint_fingerprint, domains, texts, dap.seq_len, dap.mlm_probability,
              dataclasses.asdict(settings)]
     # trained by several processes or at a lower precision, a head rounds differently: another cache entry

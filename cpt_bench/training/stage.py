@@ -51,7 +51,7 @@ class StageState:
     accelerator: Any
     settings: DapSettings
     tokenizer: Any
-    blocks: Any  # the stage's MLM blocks (a datasets.Dataset)
+    blocks: Any  # the stage's LM blocks (data.shards.TokenBlocks: len, [i] -> tensors, select)
     seed: int
     step: int = 0  # optimizer steps done
     resumed: bool = False  # the stage re-entered from a checkpoint inside it (see cpt_bench.training.plugin, "Resume")
