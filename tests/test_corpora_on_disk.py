@@ -139,3 +139,24 @@ def test_planning_a_run_does_not_hold_its_corpus_in_memory(tiny_suite, tmp_path)
     assert peaks[32]["blocks"] > 25 * peaks[1]["blocks"]
     grown_mib = (peaks[32]["peak_kib"] - peaks[1]["peak_kib"]) / 1024
     assert grown_mib < 16, peaks  # of a 32 MB corpus (its texts in a list took about 40 MB more)
+
+
+def test_a_budget_in_tokens_becomes_whole_steps_and_the_result_counts_the_tokens(tiny_suite, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    out = tmp_path / "runs"
+    # the tiny suite: 4 blocks of 16 tokens a step, so 300 tokens are 5 steps (320 tokens) per stage
+    result = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--output", str(out), "--quiet",
+                     "--eval", "final", "--set", "dap.tokens=300")
+    assert result.exit_code == 0, result.output
+    (path,) = out.glob("*.json")
+    saved = json.loads(path.read_text())
+    assert saved["settings"]["dap"]["tokens"] == 300 and saved["settings"]["dap"]["steps"] == 5
+    assert [stage["steps"] for stage in saved["stages"]] == [5, 5]
+    assert [stage["tokens"] for stage in saved["stages"]] == [320, 320]
+    both = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--output", str(tmp_path / "x"),
+                   "--steps", "3", "--set", "dap.tokens=300")
+    assert_one_line_error(both, "dap.tokens or --steps")
+    negative = run_cli("run", "--method", "naive", "--suite", str(tiny_suite), "--output", str(tmp_path / "x"),
+                       "--set", "dap.tokens=-5")
+    assert_one_line_error(negative, "dap.tokens")

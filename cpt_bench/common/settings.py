@@ -49,8 +49,12 @@ class DapSettings(Validated):
     # AdamW's moments at a new stage: "reset" (fresh), or "carry" them over from the previous stage when the
     # method trains the same parameters there (else reset; the result's stage records say which)
     optimizer_state: Literal["reset", "carry"] = "reset"
+    # a stage's budget in tokens instead of steps (0: `steps` decides): planning turns it into
+    # ceil(tokens / (batch_size * seq_len * grad_accum)) optimizer steps, each reading that many tokens
+    tokens: int = 0
 
     def check(self, where: str) -> None:
+        non_negative(where, tokens=self.tokens)
         positive(where, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
                  grad_accum=self.grad_accum)
         fraction(where, final_lr_fraction=self.final_lr_fraction)
@@ -69,7 +73,8 @@ class DapSettings(Validated):
 
 # DAP settings added after result files were first named: left out of a run's and a suite's hash while at their
 # defaults, so that earlier runs keep their file names
-DAP_SETTINGS_ADDED_LATER = ("schedule", "rewarm", "final_lr_fraction", "decay_fraction", "optimizer_state")
+DAP_SETTINGS_ADDED_LATER = ("schedule", "rewarm", "final_lr_fraction", "decay_fraction", "optimizer_state",
+                            "tokens")
 
 
 def hashed_dap_settings(dap: dict[str, Any]) -> dict[str, Any]:

@@ -287,10 +287,12 @@ def request_settings(suite: Suite, method_cls: type[Method], request: RunRequest
         dap = override(dap, "steps", str(request.steps), "dap")
     method_blocks = {method_cls.name, *method_cls.aliases, "method"}
     finetune_keys: set[str] = set()
+    dap_keys: set[str] = set()
     for block, values in parse_set_options(request.sets).items():
         for key, value in values.items():
             if block == "dap":
                 dap = override(dap, key, value, "dap")
+                dap_keys.add(key)
             elif block == "finetune":
                 finetune = override(finetune, key, value, "finetune")
                 finetune_keys.add(key)
@@ -301,7 +303,19 @@ def request_settings(suite: Suite, method_cls: type[Method], request: RunRequest
             else:
                 raise BadInput(f"--set {block}.{key}: unknown settings block {block!r} "
                                f"(known: dap, finetune, data, {method_cls.name})")
-    return RunSettings(method_settings, dap, finetune, data_settings, frozenset(finetune_keys))
+    return RunSettings(method_settings, token_budget(dap, request.steps is not None or "steps" in dap_keys),
+                       finetune, data_settings, frozenset(finetune_keys))
+
+
+def token_budget(dap, steps_given: bool):
+    """`dap.tokens` as the stage's optimizer steps: enough whole steps of batch_size × seq_len × grad_accum
+    tokens to read at least that many (blocks are full, so a step reads exactly that many)."""
+    if not dap.tokens:
+        return dap
+    if steps_given:
+        raise BadInput("give a stage's budget once: dap.tokens or --steps (dap.steps), not both")
+    per_step = dap.batch_size * dap.seq_len * dap.grad_accum
+    return dataclasses.replace(dap, steps=-(-dap.tokens // per_step))
 
 
 def resolve_data_dir(suite: Suite, data_dir: str | None, run_seed: int = 0) -> Path | None:
