@@ -167,7 +167,7 @@ def measure(megabytes: int, data_dir: Path, work: Path) -> dict:
 def table(rows: list[dict], command: str) -> str:
     smallest = rows[0]
     lines = [f"`{command}`", "",
-             "| corpus | texts | tokens | tokenise (ours) | raw tokenizer | raw/ours speed | audit s/GB | "
+             "| corpus | texts | tokens | tokenise (ours) | raw tokenizer | our speed / raw's | audit s/GB | "
              "naive run wall | of it DAP | peak RSS | peak / smallest's |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -77,6 +77,7 @@ def test_worker_processes_tokenise_to_the_same_file_as_one_process(tiny_lm, tmp_
     monkeypatch.setenv("CPT_BENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(shards, "CHUNK_TEXTS", 7)  # many chunks of a small corpus...
     monkeypatch.setattr(shards, "IN_PROCESS_CHUNKS", 2)  # ...most of them sent to the two workers
+    monkeypatch.setattr(shards, "POOL_FROM_CHUNKS", 3)  # (a corpus this small is otherwise tokenised in-process)
     tokenizer = tiny_lm.tokenizer
     texts = [f"the cats was {['purr', 'nap', 'soft', 'calm'][i % 4]} and {i % 3} ." for i in range(60)]
     separator = tokenizer.sep_token_id

@@ -27,6 +27,8 @@ from cpt_bench.data.corpus import Corpus
 
 CHUNK_TEXTS = 2048  # texts a worker tokenises per task: large enough to amortise the transfer
 IN_PROCESS_CHUNKS = 8  # chunks tokenised before worker processes start (16,384 texts: about as long as a start)
+POOL_FROM_CHUNKS = 64  # a corpus of fewer chunks (131,072 texts, ~50 MB of das6 text) is tokenised in-process:
+# starting workers (each imports transformers) costs more than they would save on it
 STREAM_VERSION = 1  # part of the cache key: bump with any change of what the file holds
 
 
@@ -61,8 +63,10 @@ def token_stream(corpus, tokenizer, separator: int, fingerprint: str, processes:
     path = cache_dir() / "tokens" / key
     if not (path / "meta.json").exists():
         with building(path) as tmp:
-            texts, tokens, dtype = _write_stream(corpus, tokenizer, separator, tmp / "tokens.bin",
-                                                 processes or tokeniser_processes())
+            processes = processes or tokeniser_processes()
+            if len(corpus) < POOL_FROM_CHUNKS * CHUNK_TEXTS:
+                processes = 1
+            texts, tokens, dtype = _write_stream(corpus, tokenizer, separator, tmp / "tokens.bin", processes)
             (tmp / "meta.json").write_text(json.dumps({"tokens": tokens, "texts": texts, "dtype": dtype,
                                                        "separator": separator}))
     return TokenStream(path)
