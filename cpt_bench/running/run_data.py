@@ -167,7 +167,8 @@ def _hold_out(name: str, texts: Corpus, where: str, settings, heldout: dict, not
         if not cut or (settings.score == "dev" and not dev):
             notes[name] = f"none: {count} texts are too few to hold any out"
             return texts
-    held, dev_slice = texts.texts(count - cut, count), texts.texts(count - cut - dev, count - cut)
+    tail = texts.texts(count - cut - dev, count)  # one pass reads both slices
+    held, dev_slice = tail[dev:], tail[:dev]
     if settings.score == "dev" and dev_slice:
         heldout[name] = (dev_slice, f"{where} (dev slice: {dev} texts before the last {cut})")
         notes[name] = f"dev slice: {dev} of {count} texts, before the last {cut}"
